@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# uadjax launcher: creates the environment on first use, then runs a job.
+#
+#   ./launch.sh              the main job: phantom -> shards -> train -> evaluate -> report
+#   ./launch.sh test         the test suite
+#   ./launch.sh <mode> ...   any uadjax mode (phantom, prepare, train, evaluate, predict, run)
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${UADJAX_VENV:-$ROOT/.venv}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.12 python3.11 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PY=$c; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "launch.sh: Python >= 3.11 is required" >&2; exit 1; }
+
+stamp="$VENV/.uadjax-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "launch.sh: setting up the environment in $VENV" >&2
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q -e ".[test]" >&2
+  touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+
+mode=${1:-main}
+[ $# -gt 0 ] && shift
+case "$mode" in
+  test)
+    exec python -m pytest -q "$@" ;;
+  main)
+    exec python -m uadjax.main run --config=configs/ddpm.py:cpu --workdir=runs/main "$@" ;;
+  *)
+    exec python -m uadjax.main "$mode" "$@" ;;
+esac
