@@ -1,0 +1,58 @@
+"""What a method is: its networks and loss per training stage, and its anomaly score.
+
+Everything else (data, trainer, checkpoints, sharding, evaluation, prediction) is shared, so a
+new method is one module in `uadjax/methods/` exposing `METHOD`, plus one config file.
+
+Shapes: batches are dicts of arrays, `image [B, H, W, M]` float32 (M modalities in the data
+config's order), `brain_mask [B, H, W]`, `seg [B, H, W]`, `slice_index [B]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+# make_model(config, rngs) -> nnx.Module holding every network of the stage.
+MakeModelFn = Callable[[Any, nnx.Rngs], nnx.Module]
+# loss_fn(model, batch, key, config) -> (scalar loss, dict of scalar metrics).
+LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, dict]]
+# score_fn(models, batch, key, config) -> {'score': [B, H, W], 'reconstruction': [B, H, W, C]?}
+# `models` maps stage names to the (EMA) networks of each trained stage.
+ScoreFn = Callable[[dict[str, nnx.Module], dict, jax.Array, Any], dict]
+# init_from(model, earlier_models) -> None: copies weights of earlier stages in place.
+InitFromFn = Callable[[nnx.Module, dict[str, nnx.Module]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: the networks it trains and the loss it minimises."""
+
+    name: str
+    make_model: MakeModelFn
+    loss_fn: LossFn
+    init_from: InitFromFn | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method: zero or more training stages and an anomaly-score function.
+
+    Attributes:
+      name: the config name (`config.method`).
+      stages: training stages in order; a later stage may start from earlier ones.
+      score_fn: pure, jit-able anomaly score of a batch of slices.
+    """
+
+    name: str
+    stages: tuple[Stage, ...]
+    score_fn: ScoreFn
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"method {self.name!r} has no stage {name!r}; "
+                       f"stages: {[s.name for s in self.stages]}")

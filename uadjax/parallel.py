@@ -1,0 +1,79 @@
+"""Device mesh, shardings and host-to-global batches (data parallelism with jit, no pmap).
+
+Parameters are replicated (`P()`), batches are split along their leading axis over the
+'data' mesh axis (`P('data')`). XLA inserts the gradient all-reduce. On several hosts call
+`initialize_distributed()` first; every host then feeds its own slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+    """Starts jax.distributed when launched as one of several processes.
+
+    Activated by the standard variables (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+    `JAX_PROCESS_ID`) or a cluster JAX detects itself (SLURM, TPU pods, Kubernetes).
+    A plain single-process run does nothing.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("UADJAX_DISTRIBUTED"):
+        jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over all (or the first `num_devices`) devices."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=devices[:n])
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh) -> None:
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the {n} devices of the mesh; "
+            f"use a multiple of {n}")
+
+
+def local_batch_size(global_batch_size: int) -> int:
+    """The share of the global batch that this process loads."""
+    if global_batch_size % jax.process_count():
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    return global_batch_size // jax.process_count()
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Numpy host batch (this process's rows) -> global jax arrays sharded over 'data'.
+
+    Non-numeric entries (strings) are dropped: they never enter jitted code.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "biuf":
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def replicate(tree, mesh):
+    """Places a pytree of arrays replicated on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))

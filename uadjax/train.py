@@ -1,0 +1,330 @@
+"""One generic trainer for every method: a method supplies its loss, the trainer owns the loop.
+
+train(config, workdir) trains each stage of `config.method` in order (or one named stage):
+mesh over every device, replicated state, batches sharded over 'data', one jitted and donated
+update step, EMA of the parameters, orbax checkpoints holding the state, the grain iterator
+position and the config. Running the same command again resumes from the last checkpoint;
+SIGTERM forces a save; a non-finite loss stops the run naming the step, and the step that
+produced it is not applied, so no checkpoint ever holds non-finite parameters.
+
+Workdir layout:
+  <workdir>/config.json
+  <workdir>/<stage>/checkpoints/<step>/   state, data_iter, config
+  <workdir>/<stage>/metrics.jsonl, tb/    training and validation curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from uadjax import checkpointing, parallel
+from uadjax.methods import get_method
+from uadjax.methods.base import Stage
+from uadjax.metric_writer import MetricWriter
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training step produced a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Where a stage's batches come from.
+
+    Attributes:
+      train_iter: grain iterator (or any iterator with get_state/set_state) of host batches.
+      val_batches: callable returning a fresh iterable of host validation batches (or None).
+    """
+
+    train_iter: Iterator[dict]
+    val_batches: Callable[[], Any] | None = None
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """Adam/AdamW with optional warm-up, cosine decay and global-norm clipping.
+
+    cfg fields: optimizer ('adam'|'adamw'), learning_rate, weight_decay, warmup_steps,
+    lr_schedule ('constant'|'cosine'), num_steps, grad_clip (0 disables), b1, b2.
+    """
+    lr = cfg.learning_rate
+    warmup = int(cfg.get("warmup_steps", 0))
+    if cfg.get("lr_schedule", "constant") == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1), end_value=lr * 0.01)
+    elif warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    else:
+        schedule = lr
+    name = cfg.get("optimizer", "adam")
+    b1, b2 = cfg.get("b1", 0.9), cfg.get("b2", 0.999)
+    if name == "adam":
+        opt = optax.adam(schedule, b1=b1, b2=b2)
+    elif name == "adamw":
+        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=cfg.get("weight_decay", 0.0))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
+    clip = cfg.get("grad_clip", 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+
+
+def ema_decay_at(step, decay: float):
+    """EMA decay with warm-up: min(decay, (1 + step) / (10 + step))."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def init_state(stage: Stage, config, tx, *, seed: int, earlier: dict | None = None):
+    """Builds the stage's networks and returns (graphdef, state).
+
+    state: {'step', 'params', 'ema_params', 'opt_state', 'rest', 'nonfinite_step'}.
+    """
+    model = stage.make_model(config, nnx.Rngs(seed))
+    if stage.init_from is not None and earlier:
+        stage.init_from(model, earlier)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
+    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest))
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema_params": jax.tree.map(jnp.copy, params),
+        "opt_state": tx.init(params),
+        "rest": rest,
+        "nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
+    return graphdef, state
+
+
+def merge(graphdef, params: dict, rest: dict) -> nnx.Module:
+    """Rebuilds a module from pure-dict params and non-param state (inside or outside jit)."""
+    return nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+
+
+def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
+    """The pure update step: state, batch -> state, metrics. Jit it with donation."""
+    ema_decay = float(config.train.get("ema_decay", 0.0))
+
+    def step_fn(state, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+
+        def loss_of(params):
+            model = merge(graphdef, params, state["rest"])
+            loss, metrics = stage.loss_fn(model, batch, key, config)
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            return loss, (metrics, nnx.to_pure_dict(new_rest))
+
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        if ema_decay > 0:
+            d = ema_decay_at(state["step"], ema_decay)
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
+        else:
+            ema = params
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        proposed = {"params": params, "ema_params": ema, "opt_state": opt_state, "rest": new_rest}
+        kept = {k: state[k] for k in proposed}
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), proposed, kept)
+        new["step"] = state["step"] + 1
+        new["nonfinite_step"] = jnp.where(
+            (state["nonfinite_step"] < 0) & ~finite, state["step"], state["nonfinite_step"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        return new, metrics
+
+    return step_fn
+
+
+def make_eval_loss_fn(stage: Stage, graphdef, config):
+    """Validation loss with the EMA parameters and a fixed key (pure; jit it)."""
+
+    def eval_fn(state, batch, key):
+        model = merge(graphdef, state["ema_params"], state["rest"])
+        loss, metrics = stage.loss_fn(model, batch, key, config)
+        return {"loss": loss, **metrics}
+
+    return eval_fn
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks, so the run saves before it exits."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def stage_dir(workdir: str, stage_name: str) -> str:
+    return os.path.join(workdir, stage_name)
+
+
+def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=None,
+                mesh=None, progress: bool = True, stop_at_step: int | None = None) -> dict:
+    """Trains one stage to `config.train.num_steps` (resuming if a checkpoint exists).
+
+    Args:
+      stop_at_step: stop (and save) after this step, as if killed; for tests and preemption.
+    Returns:
+      {'state': final state, 'graphdef': graphdef, 'step': int}.
+    """
+    tcfg = config.train
+    mesh = mesh or parallel.make_mesh()
+    parallel.check_batch_size(tcfg.batch_size, mesh)
+    tx = make_optimizer(tcfg)
+    graphdef, state = init_state(stage, config, tx, seed=config.seed, earlier=earlier)
+    state = parallel.replicate(state, mesh)
+    directory = stage_dir(workdir, stage.name)
+    ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"),
+                                      max_to_keep=tcfg.get("max_checkpoints", 2))
+    if ckpt.latest_step() is not None:
+        abstract = checkpointing.abstract_like(state)
+        state = ckpt.restore(abstract, data_iter=data.train_iter)
+    start = int(state["step"])
+    num_steps = int(tcfg.num_steps)
+    if start >= num_steps:
+        ckpt.close()
+        return {"state": state, "graphdef": graphdef, "step": start}
+
+    base_key = jax.random.key(config.seed)
+    step_fn = make_train_step(stage, graphdef, tx, config, base_key=base_key)
+    replicated = parallel.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    jit_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, replicated))
+    eval_fn = jax.jit(make_eval_loss_fn(stage, graphdef, config))
+    writer = MetricWriter(directory, tensorboard=tcfg.get("tensorboard", True))
+    log_every = int(tcfg.get("log_every_steps", 50))
+    ckpt_every = int(tcfg.get("checkpoint_every_steps", 500))
+    val_every = int(tcfg.get("val_every_steps", 0))
+    last = stop_at_step if stop_at_step is not None else num_steps
+    last = min(last, num_steps)
+    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc=f"train/{stage.name}",
+               dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), 0
+    pending = []
+    step = start
+    try:
+        with _SigtermFlag() as sigterm:
+            while step < last:
+                host_batch = next(data.train_iter)
+                batch = parallel.to_global(host_batch, mesh)
+                state, metrics = jit_step(state, batch)
+                step += 1
+                pending.append(metrics)
+                n_last += tcfg.batch_size
+                if step % log_every == 0 or step == last or sigterm.raised:
+                    _check_finite(state)
+                    means = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
+                             for k in pending[0]}
+                    pending.clear()
+                    now = time.perf_counter()
+                    means["slices_per_s"] = n_last / max(now - t_last, 1e-9)
+                    t_last, n_last = now, 0
+                    writer.write(step, means, split="train")
+                    bar.set_postfix(loss=f"{means['loss']:.4f}",
+                                    sl_s=f"{means['slices_per_s']:.0f}")
+                if val_every and data.val_batches is not None and step % val_every == 0:
+                    writer.write(step, _validate(eval_fn, state, data.val_batches, mesh,
+                                                 base_key), split="val")
+                if step % ckpt_every == 0 or step == last or sigterm.raised:
+                    _check_finite(state)
+                    ckpt.save(step, state, data_iter=data.train_iter, config=config)
+                bar.update(1)
+                if sigterm.raised:
+                    print(f"SIGTERM: saved checkpoint at step {step}; rerun to resume.")
+                    break
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return {"state": state, "graphdef": graphdef, "step": step}
+
+
+def _check_finite(state) -> None:
+    bad = int(jax.device_get(state["nonfinite_step"]))
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {bad}; the run stopped and the last "
+            "checkpoint (before that step) is kept. Lower the learning rate or check the data.")
+
+
+def _validate(eval_fn, state, val_batches, mesh, base_key) -> dict:
+    key = jax.random.fold_in(base_key, 2**31 - 1)
+    sums, count = {}, 0
+    for i, host_batch in enumerate(val_batches()):
+        if "valid" in host_batch and not np.all(host_batch["valid"]):
+            continue  # padded tail batch: skip so every row is a real slice
+        batch = parallel.to_global(host_batch, mesh)
+        metrics = jax.device_get(eval_fn(state, batch, jax.random.fold_in(key, i)))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True) -> nnx.Module:
+    """Rebuilds a trained stage's networks from its latest checkpoint (EMA params by default)."""
+    tx = make_optimizer(config.train)
+    graphdef, state = init_state(stage, config, tx, seed=config.seed)
+    ckpt = checkpointing.Checkpointer(os.path.join(stage_dir(workdir, stage.name), "checkpoints"),
+                                      asynchronous=False)
+    try:
+        restored = ckpt.restore(checkpointing.abstract_like(state))
+    finally:
+        ckpt.close()
+    params = restored["ema_params"] if use_ema else restored["params"]
+    return merge(graphdef, params, restored["rest"])
+
+
+def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
+          stages: list[str] | None = None, progress: bool = True) -> None:
+    """Trains the stages of `config.method` in order, skipping finished ones.
+
+    Args:
+      make_data: builds the TrainData of a stage (the data module's job; injectable in tests).
+      stages: names of the stages to train; all by default.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    _write_json_atomic(os.path.join(workdir, "config.json"),
+                       json.loads(config.to_json_best_effort()))
+    method = get_method(config.method)
+    earlier: dict[str, nnx.Module] = {}
+    for stage in method.stages:
+        if stages is None or stage.name in stages:
+            train_stage(stage, config, workdir, make_data(config, stage), earlier=earlier,
+                        progress=progress)
+        earlier[stage.name] = load_stage_models(config, workdir, stage)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
