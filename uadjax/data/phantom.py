@@ -1,0 +1,408 @@
+"""Built-in phantom dataset: multi-contrast brain MRI with lesions, from the ICBM template.
+
+Each subject is the ICBM 2009c tissue maps under a random smooth deformation and small
+affine, sometimes atrophic, with healthy normal findings (periventricular rims and caps,
+tiny white-matter spots, FLAIR CSF flow artefacts and imperfect CSF suppression), and for
+lesion subjects a tumour, MS-like lesions or a stroke-like wedge. T1, T2, PD (spin echo)
+and FLAIR (inversion recovery) come from the tissue fractions through the MR signal
+equations with jittered 1.5 T tissue parameters (see `phantom_signal`), then a smooth bias
+field and Rician noise. Every random draw comes from numpy Generators seeded by
+(seed, subject index, stream): stream 0 anatomy, 1 lesion, 2 acquisition, so the healthy
+and a lesion version of the same subject index share anatomy and noise.
+
+The dataset folder follows docs/CONTRACTS.md; `generate_dataset` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+
+from uadjax.data import phantom_anatomy as anatomy
+from uadjax.data import phantom_geometry as geometry
+from uadjax.data import phantom_lesions as lesions
+from uadjax.data import phantom_signal as signal
+from uadjax.data import schema
+from uadjax.data.phantom_template import Template, load_template
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# Images are scaled so that nominal white matter reads about this much in every modality.
+WHITE_MATTER_LEVEL = 1000.0
+ANATOMY, LESION, ACQUISITION = 0, 1, 2
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Generator settings of the default phantom dataset (configs/phantom.py picks variants)."""
+    config = ml_collections.ConfigDict()
+    # Subjects per split; lesion splits hold this many subjects of every lesion kind.
+    config.splits = ml_collections.ConfigDict(dict(
+        train=48, val_healthy=8, val_lesion_per_kind=4, test_lesion_per_kind=10,
+        test_healthy=8))
+    config.kinds = schema.LESION_KINDS
+    # 1.5 T protocol (ms). FLAIR ti = 0: null nominal CSF.
+    config.sequences = ml_collections.ConfigDict(dict(
+        t1=dict(kind="se", tr=500.0, te=15.0),
+        t2=dict(kind="se", tr=4000.0, te=100.0),
+        pd=dict(kind="se", tr=4000.0, te=15.0),
+        flair=dict(kind="ir", tr=9000.0, te=120.0, ti=0.0),
+    ))
+    config.anatomy = ml_collections.ConfigDict(dict(
+        deformation_ctrl=(6, 7, 6),  # control points per axis of the smooth displacement
+        displacement_std_vox=1.2,
+        rotation_deg=4.0,
+        scale_range=0.05,
+        translation_vox=1.5,
+        tissue_relative_std=0.05,  # log-normal jitter of T1, T2 per subject and tissue
+        tissue_pd_relative_std=0.03,
+        texture_ctrl=(10, 12, 10),  # within-tissue water-content variation
+        texture_std=0.6,  # in units of a 10% T1/T2 change
+        atrophy=dict(probability=0.35, ventricle_expansion=(0.15, 0.45),
+                     ventricle_scale_vox=9.0, csf_growth=(1.15, 1.7), csf_growth_sigma_vox=1.0),
+    ))
+    config.healthy = ml_collections.ConfigDict(dict(
+        rim_probability=0.85,
+        rim_flair_contrast=(0.1, 0.7),  # periventricular rims/caps, over WM
+        rim_thickness_vox=(0.8, 2.0),
+        cap_radius_vox=(1.5, 3.0),
+        spot_count=(0, 4),  # tiny unlabelled white-matter spots
+        spot_radius_vox=(0.4, 0.8),
+        spot_flair_contrast=(0.3, 1.0),
+        flow_probability=0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
+        flow_strength=(0.3, 1.6),  # x WM FLAIR signal
+        flow_ctrl=(14, 16, 14),
+        flow_threshold=1.0,
+        flow_ghost_amplitude=(0.0, 0.3),
+    ))
+    config.acquisition = ml_collections.ConfigDict(dict(
+        bias_amplitude=(0.02, 0.2),  # max |field - 1| inside the grid
+        bias_ctrl=(4, 5, 4),
+        noise_fraction=(0.01, 0.05),  # Rician sigma / WM signal
+        gain=(0.9, 1.1),
+    ))
+    config.lesions = ml_collections.ConfigDict(dict(
+        flair_contrast=(0.1, 1.0),  # target (S_lesion - S_wm) / S_wm on FLAIR
+        tumour=dict(radius_vox=(3.0, 11.0), core_ratio=(0.3, 0.8), core_type_p=(0.4, 0.4, 0.2),
+                    mass_effect=(0.1, 0.45), irregularity=0.2, oedema_edge=(0.3, 0.8),
+                    oedema_heterogeneity=0.3, solid_severity=(0.5, 1.0)),
+        ms=dict(count=(3, 12), periventricular_fraction=0.7, periventricular_max_vox=5.0,
+                long_radius_vox=(1.0, 3.5), short_radius_vox=(0.7, 1.8)),
+        stroke=dict(depth_fraction=(0.3, 0.7), half_angle_deg=(12.0, 28.0), irregularity=1.0,
+                    chronic_probability=0.5, rim_width_vox=(0.8, 1.8)),
+    ))
+    return config
+
+
+def subject_rngs(seed: int, index: int) -> tuple[np.random.Generator, ...]:
+    """(anatomy, lesion, acquisition) generators of subject `index`."""
+    return tuple(np.random.default_rng([seed, index, stream])
+                 for stream in (ANATOMY, LESION, ACQUISITION))
+
+
+def _wet_tissues(tissues: dict) -> dict:
+    """GM and WM with 10% longer T1 and T2 and 3% more PD (for the texture field)."""
+    return {name: signal.TissueParameters(p.t1 * 1.1, p.t2 * 1.1, min(1.0, p.pd * 1.03))
+            for name, p in tissues.items() if name in ("gm", "wm")}
+
+
+def _move_from_white_matter(fractions: dict, name: str, amount: np.ndarray) -> None:
+    """Turns `amount` [D, H, W] of WM into compartment `name`, in place."""
+    fractions["wm"] = fractions["wm"] - amount
+    fractions[name] = fractions[name] + amount if name in fractions else amount
+
+
+def _bias_field(rng, shape, brainmask, config) -> np.ndarray:
+    """[D, H, W] float32 smooth multiplicative field 1 +- amplitude (max over the brain)."""
+    field = geometry.smooth_field(rng, shape, config.bias_ctrl)
+    peak = max(float(np.abs(field[brainmask]).max()), 1e-6)
+    return (1.0 + rng.uniform(*config.bias_amplitude) * field / peak).astype(np.float32)
+
+
+def make_subject(
+    template: Template, config: ml_collections.ConfigDict, index: int, kind: str, seed: int
+) -> dict[str, Any]:
+    """Generates one subject.
+
+    Args:
+      template: from `load_template()`.
+      config: phantom config (`default_config()` or configs/phantom.py).
+      index: subject index (0-based position in the dataset).
+      kind: 'healthy', 'tumour', 'ms' or 'stroke'.
+      seed: dataset seed.
+
+    Returns:
+      {'t1', 't2', 'pd', 'flair': [D, H, W] float32 images (WM about 1000, 0 outside the
+       brain), 'seg': [D, H, W] uint8 lesion label, 'brainmask': [D, H, W] uint8,
+       'lesion_fraction': [D, H, W] float32 partial-volume lesion fraction
+       (seg == lesion_fraction >= 0.5), 'info': dict of JSON-serialisable details}.
+    """
+    if kind != schema.HEALTHY and kind not in schema.LESION_KINDS:
+        raise ValueError(f"phantom: unknown subject kind {kind!r}")
+    rng_anatomy, rng_lesion, rng_acquisition = subject_rngs(seed, index)
+    shape = template.shape
+    a, h = config.anatomy, config.healthy
+
+    coords = geometry.deformation_coordinates(
+        rng_anatomy, shape, a.deformation_ctrl, a.displacement_std_vox, a.rotation_deg,
+        a.scale_range, a.translation_vox)
+    maps = anatomy.warp_template(template, coords)
+    del coords
+    maps, atrophic = anatomy.apply_atrophy(maps, rng_anatomy, a.atrophy)
+    maps.update(anatomy.tissue_fractions(maps))
+    tumour_plan = None
+    if kind == "tumour":
+        tumour_plan = lesions.plan_tumour(maps, rng_lesion, config.lesions.tumour)
+        maps = lesions.apply_mass_effect(maps, tumour_plan)
+    brainmask = maps["brainmask"] >= 0.5
+
+    tissues = signal.jitter_tissues(rng_anatomy, a.tissue_relative_std,
+                                    a.tissue_pd_relative_std)
+    signals = signal.compartment_signals(tissues, config.sequences)
+    wet_signals = signal.compartment_signals(_wet_tissues(tissues), config.sequences)
+    texture = geometry.smooth_field(rng_anatomy, shape, a.texture_ctrl) * np.float32(
+        a.texture_std)
+
+    fractions = {name: maps[name] for name in signal.HEALTHY_TISSUES}
+    rim_contrast = rng_anatomy.uniform(*h.rim_flair_contrast)
+    has_rims = rng_anatomy.uniform() < h.rim_probability
+    rim_weight = anatomy.periventricular_weight(maps, rng_anatomy, h)
+    if has_rims:
+        severity = signal.severity_for_flair_contrast(signals, "pv_rim", rim_contrast)
+        _move_from_white_matter(fractions, "pv_rim", fractions["wm"] * rim_weight * severity)
+    spot_contrast = rng_anatomy.uniform(*h.spot_flair_contrast)
+    spot_weight = anatomy.white_matter_spots(maps, rng_anatomy, h)
+    _move_from_white_matter(
+        fractions, "ms", fractions["wm"] * spot_weight
+        * signal.severity_for_flair_contrast(signals, "ms", spot_contrast))
+    flow, flow_strength, ghost_shift, ghost_amplitude = anatomy.csf_flow_pattern(
+        maps, rng_anatomy, h)
+
+    contrast_range = tuple(config.lesions.flair_contrast)
+    if kind == "tumour":
+        lesion = lesions.make_tumour(maps, tumour_plan, rng_lesion, config.lesions.tumour,
+                                     signals, contrast_range)
+    elif kind == "ms":
+        lesion = lesions.make_ms(maps, rng_lesion, config.lesions.ms, signals, contrast_range)
+    elif kind == "stroke":
+        lesion = lesions.make_stroke(maps, rng_lesion, config.lesions.stroke, signals,
+                                     contrast_range)
+    else:
+        lesion = lesions.empty_lesion(shape)
+    lesion.fraction *= brainmask
+    fractions = lesions.insert(fractions, lesion)
+
+    out: dict[str, Any] = {}
+    acq = config.acquisition
+    for modality in signal.MODALITIES:
+        image = signal.mix_signal(fractions, signals[modality], texture, wet_signals[modality])
+        if modality == "flair" and flow_strength > 0.0:
+            artefact = flow * np.float32(flow_strength * signals["flair"]["wm"])
+            image += artefact + np.float32(ghost_amplitude) * np.roll(artefact, ghost_shift, 1)
+        image *= _bias_field(rng_acquisition, shape, brainmask, acq)
+        white_matter = signals[modality]["wm"]
+        sigma = rng_acquisition.uniform(*acq.noise_fraction) * white_matter
+        nominal_white_matter = float(signal.modality_signal(signal.TISSUES["wm"],
+                                                            config.sequences[modality]))
+        scale = WHITE_MATTER_LEVEL / nominal_white_matter * rng_acquisition.uniform(*acq.gain)
+        noisy = np.zeros(shape, np.float32)  # skull-stripped: 0 outside the brain
+        noisy[brainmask] = signal.rician_noise(rng_acquisition, image[brainmask], sigma)
+        out[modality] = noisy * np.float32(scale)
+    out["seg"] = lesion.mask
+    out["brainmask"] = brainmask.astype(np.uint8)
+    out["lesion_fraction"] = lesion.fraction
+    voxel_ml = template.voxel_size_mm**3 / 1000.0
+    out["info"] = {
+        "kind": kind, "atrophy": bool(atrophic), "periventricular_rims": bool(has_rims),
+        "flow_artefact": flow_strength > 0.0,
+        "lesion_volume_ml": round(float(out["seg"].sum()) * voxel_ml, 3),
+        "lesion": lesion.info,
+    }
+    return out
+
+
+def plan_subjects(config: ml_collections.ConfigDict) -> list[dict]:
+    """Subjects of the dataset in order: [{'id', 'split', 'kind'}], index = position."""
+    s = config.splits
+    plan = [(schema.TRAIN, schema.HEALTHY)] * s.train
+    plan += [(schema.VAL_HEALTHY, schema.HEALTHY)] * s.val_healthy
+    for split, per_kind in ((schema.VAL_LESION, s.val_lesion_per_kind),
+                            (schema.TEST_LESION, s.test_lesion_per_kind)):
+        for kind in config.kinds:
+            plan += [(split, kind)] * per_kind
+    plan += [(schema.TEST_HEALTHY, schema.HEALTHY)] * s.test_healthy
+    return [{"id": f"sub-{i + 1:04d}", "split": split, "kind": kind}
+            for i, (split, kind) in enumerate(plan)]
+
+
+def _nifti(volume: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
+    """NIfTI-1 image with qform = sform = `affine` (code 1) and mm units."""
+    image = nib.Nifti1Image(volume.astype(dtype), affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return image
+
+
+def write_subject(folder: pathlib.Path, sid: str, subject: dict, affine: np.ndarray) -> dict:
+    """Writes one subject's NIfTI files; returns {key: path relative to the dataset root}.
+
+    Images are stored as int16 (rounded; WM about 1000), seg and brainmask as uint8.
+    """
+    (folder / sid).mkdir(parents=True)
+    files = {}
+    for key in (*signal.MODALITIES, "seg", "brainmask"):
+        relative = f"{sid}/{sid}_{key}.nii.gz"
+        if key in signal.MODALITIES:
+            data = np.clip(np.rint(subject[key]), 0, np.iinfo(np.int16).max)
+            image = _nifti(data, affine, np.int16)
+        else:
+            image = _nifti(subject[key], affine, np.uint8)
+        nib.save(image, folder / relative)
+        files[key] = relative
+    return files
+
+
+def _jsonable(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists), for the manifest and caching."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _read_manifest(folder: pathlib.Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _remove_stale_partials(out_dir: pathlib.Path) -> None:
+    """Deletes temporary siblings left by killed runs (their process is gone)."""
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(partial, ignore_errors=True)
+            except PermissionError:
+                continue
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    config: ml_collections.ConfigDict | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+    template: Template | None = None,
+    workers: int = 1,
+) -> dict:
+    """Generates the phantom dataset folder (docs/CONTRACTS.md), atomically, with caching.
+
+    Files are written into a temporary sibling folder that is renamed to `out_dir` at the
+    end, so an interrupted run leaves no half-written dataset. When `out_dir` already holds
+    a manifest with the same config and seed it is returned without regenerating.
+
+    Args:
+      out_dir: dataset root.
+      config: phantom config; `default_config()` when None.
+      seed: dataset seed; same seed and config give byte-identical files.
+      progress: show a tqdm bar.
+      overwrite: regenerate even if cached, replacing an existing folder.
+      template: defaults to the vendored template.
+      workers: worker processes (subjects are seeded independently, so the files do not
+        depend on it).
+
+    Returns:
+      The manifest dict (also in out_dir/manifest.json).
+
+    Raises:
+      FileExistsError: `out_dir` holds something else and `overwrite` is False.
+    """
+    out_dir = pathlib.Path(out_dir).resolve()
+    config = config if config is not None else default_config()
+    config_json = _jsonable(config)
+    existing = _read_manifest(out_dir)
+    if (existing is not None and not overwrite and existing.get("seed") == seed
+            and existing.get("config") == config_json):
+        return existing
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir}: exists with a different phantom config/seed or other content; "
+            "pass overwrite=True (--overwrite) to replace it")
+    template = template if template is not None else load_template()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        manifest = _write_all(partial, template, config, config_json, seed, progress, workers)
+        if out_dir.exists():
+            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(retired)
+            partial.rename(out_dir)
+            shutil.rmtree(retired)
+        else:
+            partial.rename(out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+_WORKER_TEMPLATE: Template | None = None
+
+
+def _init_worker(template: Template) -> None:
+    global _WORKER_TEMPLATE
+    _WORKER_TEMPLATE = template
+
+
+def _generate_and_write(folder, template, config, seed, index, entry) -> dict:
+    """Makes and writes subject `index`; returns its manifest entry."""
+    template = template if template is not None else _WORKER_TEMPLATE
+    subject = make_subject(template, config, index, entry["kind"], seed)
+    files = write_subject(folder, entry["id"], subject, template.affine)
+    info = subject["info"]
+    return {**entry, "lesion_volume_ml": info["lesion_volume_ml"], "files": files,
+            "atrophy": info["atrophy"], "lesion": info["lesion"]}
+
+
+def _write_all(folder, template, config, config_json, seed, progress, workers) -> dict:
+    """Generates and writes every subject, then the manifest, into `folder`."""
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True)
+    plan = plan_subjects(config)
+    bar = tqdm(total=len(plan), desc="phantom", unit="subject", disable=not progress)
+    if workers <= 1:
+        subjects = []
+        for index, entry in enumerate(plan):
+            subjects.append(_generate_and_write(folder, template, config, seed, index, entry))
+            bar.update()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(template,)) as pool:
+            futures = [pool.submit(_generate_and_write, folder, None, config, seed, index, entry)
+                       for index, entry in enumerate(plan)]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                bar.update()
+            subjects = [future.result() for future in futures]
+    bar.close()
+    manifest = {
+        "dataset": "phantom", "version": MANIFEST_VERSION, "seed": seed,
+        "modalities": list(signal.MODALITIES), "shape": list(template.shape),
+        "voxel_size_mm": template.voxel_size_mm, "affine": template.affine.tolist(),
+        "config": config_json, "subjects": subjects,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,208 @@
+"""Healthy subject anatomy for the phantom: warped template maps, atrophy, normal findings.
+
+Maps are [D, H, W] float32 on the phantom grid. The "normal findings" are the healthy
+features that make real scans hard for intensity thresholds: bright periventricular rims
+and caps, a few tiny white-matter spots, CSF flow artefacts on FLAIR. None of them is
+labelled as a lesion.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from uadjax.data import phantom_geometry as geometry
+from uadjax.data.phantom_template import Template
+
+# Outside the grid: no tissue, far from the ventricles, depth 0.
+FAR_VOX = 99.0
+MAP_CVALS = {"gm": 0.0, "wm": 0.0, "csf": 0.0, "brainmask": 0.0, "depth": 0.0,
+             "ventricle_distance": FAR_VOX}
+
+
+def warp_template(template: Template, coords: np.ndarray) -> dict[str, np.ndarray]:
+    """Resamples the template maps with one deformation.
+
+    Args:
+      template: the template.
+      coords: [3, D, H, W] float32 template coordinates of each subject voxel.
+
+    Returns:
+      {gm, wm, csf, brainmask, depth, ventricle_distance}: [D, H, W] float32 (brainmask as
+      a fraction; threshold at 0.5). Only the brain mask is resampled everywhere; the other
+      maps only where the warped mask is > 0 (the cval elsewhere), which saves most of
+      the time.
+    """
+    brainmask = geometry.warp(template.brainmask.astype(np.float32), coords)
+    inside = brainmask > 0.0
+    inside_coords = coords[:, inside]
+    maps = {"brainmask": brainmask}
+    sources = {"gm": template.gm, "wm": template.wm, "csf": template.csf,
+               "depth": template.depth, "ventricle_distance": template.ventricle_distance}
+    for name, volume in sources.items():
+        warped = np.full(brainmask.shape, MAP_CVALS[name], np.float32)
+        warped[inside] = geometry.warp(volume, inside_coords, MAP_CVALS[name])
+        maps[name] = warped
+    return maps
+
+
+def ventricle_centre(maps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[3] float centre of mass of the ventricles (ventricle_distance < 0.5)."""
+    return np.argwhere(maps["ventricle_distance"] < 0.5).mean(axis=0)
+
+
+def grow_csf(maps: Mapping[str, np.ndarray], growth: float, sigma_vox: float) -> dict:
+    """Atrophy: CSF grows into adjacent GM and WM (wider sulci, larger ventricles).
+
+    New CSF = min(tissue, max(csf, growth * G_sigma(csf))); the GM and WM that it replaces
+    shrink in proportion, so the tissue total is unchanged.
+
+    Args:
+      maps: {gm, wm, csf, ...} [D, H, W] float32.
+      growth: >= 1; 1 changes nothing.
+      sigma_vox: Gaussian blur of the CSF map (voxels).
+
+    Returns:
+      Copy of `maps` with new gm, wm, csf.
+    """
+    gm, wm, csf = maps["gm"], maps["wm"], maps["csf"]
+    tissue = gm + wm + csf
+    grown = np.minimum(tissue, np.maximum(csf, growth * ndimage.gaussian_filter(csf, sigma_vox)))
+    parenchyma = gm + wm
+    keep = np.where(parenchyma > 1e-6, (tissue - grown) / np.maximum(parenchyma, 1e-6), 0.0)
+    out = dict(maps)
+    out.update(gm=(gm * keep).astype(np.float32), wm=(wm * keep).astype(np.float32),
+               csf=grown.astype(np.float32))
+    return out
+
+
+def apply_atrophy(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
+) -> tuple[dict[str, np.ndarray], bool]:
+    """With probability `config.probability`: enlarge the ventricles and grow the CSF.
+
+    Args:
+      maps: warped maps (see `warp_template`).
+      rng: the subject's anatomy generator (always consumes the same draws).
+      config: `anatomy.atrophy` of the phantom config.
+
+    Returns:
+      (maps, atrophic).
+    """
+    atrophic = rng.uniform() < config.probability
+    strength = rng.uniform(*config.ventricle_expansion)
+    growth = rng.uniform(*config.csf_growth)
+    if not atrophic:
+        return dict(maps), False
+    out = geometry.expand_around(maps, ventricle_centre(maps), strength,
+                                 config.ventricle_scale_vox, MAP_CVALS)
+    return grow_csf(out, growth, config.csf_growth_sigma_vox), True
+
+
+def tissue_fractions(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """GM, WM, CSF fractions inside the brain mask, summing to at most 1.
+
+    Returns:
+      ({gm, wm, csf} [D, H, W] float32)
+    """
+    inside = maps["brainmask"] >= 0.5
+    fractions = {name: np.where(inside, np.clip(maps[name], 0.0, 1.0), 0.0).astype(np.float32)
+                 for name in ("gm", "wm", "csf")}
+    total = fractions["gm"] + fractions["wm"] + fractions["csf"]
+    scale = np.where(total > 1.0, 1.0 / np.maximum(total, 1e-6), 1.0).astype(np.float32)
+    return {name: f * scale for name, f in fractions.items()}
+
+
+def periventricular_weight(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
+) -> np.ndarray:
+    """Where healthy periventricular fluid sits: a thin rim plus caps at the horns.
+
+    Rim: 1 at the ventricle wall falling to 0 at `thickness` voxels. Caps: Gaussian blobs
+    just beyond the most anterior and posterior ventricle voxels of each hemisphere
+    (frontal and occipital horns), where real FLAIR shows bright "caps".
+
+    Args:
+      maps: warped maps with ventricle_distance [D, H, W].
+      rng: anatomy generator.
+      config: `healthy` section of the phantom config.
+
+    Returns:
+      [D, H, W] float32 in [0, 1].
+    """
+    distance = maps["ventricle_distance"]
+    thickness = rng.uniform(*config.rim_thickness_vox)
+    weight = np.clip(1.0 - (distance - 0.5) / thickness, 0.0, 1.0)
+    weight[distance < 0.5] = 0.0
+    ventricles = np.argwhere(distance < 0.5)
+    midline = ventricles[:, 0].mean()
+    cap_radius = rng.uniform(*config.cap_radius_vox)
+    cap_strength = rng.uniform(0.5, 1.0, size=4)
+    caps = []
+    for side in (ventricles[:, 0] < midline, ventricles[:, 0] >= midline):
+        half = ventricles[side]
+        if len(half) == 0:
+            continue
+        caps.append(half[np.argmax(half[:, 1])] + np.array([0.0, cap_radius * 0.7, 0.0]))
+        caps.append(half[np.argmin(half[:, 1])] - np.array([0.0, cap_radius * 0.7, 0.0]))
+    for centre, strength in zip(caps, cap_strength):
+        slices, rel = geometry.box_slices(centre, 3.0 * cap_radius, distance.shape)
+        blob = strength * np.exp(-(rel**2).sum(axis=0) / (2.0 * cap_radius**2))
+        weight[slices] = np.maximum(weight[slices], blob * (distance[slices] >= 0.5))
+    return weight.astype(np.float32)
+
+
+def white_matter_spots(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
+) -> np.ndarray:
+    """A few tiny unlabelled white-matter hyperintensities (normal ageing, perivascular).
+
+    Args:
+      maps: warped maps with wm and depth.
+      rng: anatomy generator.
+      config: `healthy` section of the phantom config.
+
+    Returns:
+      [D, H, W] float32 weight in [0, 1] (Gaussian blobs of sub-voxel to 1-voxel radius).
+    """
+    weight = np.zeros(maps["wm"].shape, np.float32)
+    count = int(rng.integers(config.spot_count[0], config.spot_count[1] + 1))
+    candidates = np.argwhere((maps["wm"] > 0.8) & (maps["depth"] > 4.0))
+    for _ in range(count):
+        centre = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
+        radius = rng.uniform(*config.spot_radius_vox)
+        slices, rel = geometry.box_slices(centre, 3.0 * radius + 1.0, weight.shape)
+        blob = np.exp(-(rel**2).sum(axis=0) / (2.0 * radius**2))
+        weight[slices] = np.maximum(weight[slices], blob)
+    return weight
+
+
+def csf_flow_pattern(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
+) -> tuple[np.ndarray, float, int, float]:
+    """FLAIR CSF flow artefact: bright patches in the ventricles and their phase-encode ghost.
+
+    Inflowing CSF that missed the inversion pulse is bright on FLAIR (foramen of Monro,
+    third ventricle). Pulsation also ghosts along the phase-encode (anterior-posterior,
+    axis 1) direction.
+
+    Args:
+      maps: warped maps with ventricle_distance.
+      rng: anatomy generator.
+      config: `healthy` section of the phantom config.
+
+    Returns:
+      (pattern [D, H, W] float32 in [0, 1], strength (x WM FLAIR signal), ghost shift
+      (voxels along axis 1), ghost amplitude (fraction of the pattern)); strength is 0 for
+      subjects without the artefact.
+    """
+    present = rng.uniform() < config.flow_probability
+    strength = rng.uniform(*config.flow_strength) if present else 0.0
+    shift = int(rng.integers(8, 40)) * int(rng.choice([-1, 1]))
+    ghost = rng.uniform(*config.flow_ghost_amplitude)
+    noise = geometry.smooth_field(rng, maps["csf"].shape, config.flow_ctrl)
+    patches = np.clip(noise - config.flow_threshold, 0.0, 1.0)
+    inside = np.clip(1.0 - maps["ventricle_distance"], 0.0, 1.0)
+    return (patches * inside).astype(np.float32), float(strength), shift, float(ghost)

@@ -1,0 +1,351 @@
+"""Lesions for the phantom: tumour, MS-like and stroke-like, with exact voxel masks.
+
+Every lesion is a `Lesion`: a partial-volume lesion fraction L [D, H, W] (the share of each
+voxel occupied by lesion, at most the voxel's tissue) and the pathological compartments
+inside it ({tissue name: [D, H, W] fraction}, each <= L). Within the lesion a "severity" s
+in [0, 1] sets how much of the lesion volume is pathological tissue and how much stays the
+tissue it replaced; s is drawn from a target FLAIR contrast over white matter (see
+`phantom_signal.severity_for_flair_contrast`), so lesions range from subtle to bright.
+The label is seg = (L >= 0.5): exactly the voxels where lesion tissue was inserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from uadjax.data import phantom_geometry as geometry
+from uadjax.data.phantom_anatomy import MAP_CVALS, ventricle_centre
+from uadjax.data.phantom_signal import severity_for_flair_contrast
+
+MASK_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass
+class Lesion:
+    """One subject's lesions.
+
+    Attributes:
+      fraction: [D, H, W] float32 lesion fraction L in [0, 1].
+      pathology: {tissue name: [D, H, W] float32 fraction of that tissue, summing to <= L}.
+      info: JSON-serialisable description (subtype, count, target FLAIR contrasts).
+    """
+
+    fraction: np.ndarray
+    pathology: dict[str, np.ndarray]
+    info: dict
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[D, H, W] uint8 label: 1 where the lesion fraction is >= 0.5."""
+        return (self.fraction >= MASK_THRESHOLD).astype(np.uint8)
+
+
+def empty_lesion(shape) -> Lesion:
+    """No lesion (healthy subject)."""
+    return Lesion(np.zeros(shape, np.float32), {}, {"count": 0})
+
+
+def _pick(rng: np.random.Generator, candidates: np.ndarray, what: str) -> np.ndarray:
+    """A random candidate voxel [3] with sub-voxel jitter."""
+    if len(candidates) == 0:
+        raise ValueError(f"phantom: no voxel qualifies as a {what}")
+    return candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
+
+
+def _paste(volume: np.ndarray, slices, local: np.ndarray) -> None:
+    """volume[slices] = max(volume[slices], local), in place."""
+    volume[slices] = np.maximum(volume[slices], local)
+
+
+# ----------------------------------------------------------------------------------------
+# Tumour
+
+
+@dataclasses.dataclass(frozen=True)
+class TumourPlan:
+    """Where a tumour grows, drawn before the healthy features (mass effect moves them)."""
+
+    centre: np.ndarray
+    radius: float
+    mass_effect: float
+
+
+def plan_tumour(maps: Mapping[str, np.ndarray], rng: np.random.Generator, config) -> TumourPlan:
+    """Draws a tumour centre in deep white matter, its radius and its mass effect.
+
+    Args:
+      maps: warped maps (wm, depth, ventricle_distance) [D, H, W].
+      rng: the subject's lesion generator.
+      config: `lesions.tumour` of the phantom config.
+    """
+    radius = rng.uniform(*config.radius_vox)
+    candidates = np.argwhere(
+        (maps["wm"] > 0.6) & (maps["depth"] > 0.5 * radius + 3.0)
+        & (maps["ventricle_distance"] > 2.0)
+    )
+    centre = _pick(rng, candidates, "tumour centre")
+    return TumourPlan(centre=centre, radius=float(radius),
+                      mass_effect=float(rng.uniform(*config.mass_effect)))
+
+
+def apply_mass_effect(maps: Mapping[str, np.ndarray], plan: TumourPlan) -> dict:
+    """Pushes tissue (and the ventricles) away from the tumour centre; brain mask unchanged."""
+    moved = {name: maps[name] for name in ("gm", "wm", "csf", "depth", "ventricle_distance")}
+    out = dict(maps)
+    out.update(geometry.expand_around(moved, plan.centre, plan.mass_effect, plan.radius,
+                                      MAP_CVALS))
+    return out
+
+
+def make_tumour(
+    maps: Mapping[str, np.ndarray], plan: TumourPlan, rng: np.random.Generator, config,
+    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+) -> Lesion:
+    """An irregular tumour: solid core (maybe necrotic or cystic) inside finger-like oedema.
+
+    Shapes are ellipsoids roughened by smooth noise. Oedema spreads in white matter and
+    spares the cortex; its severity fades from the core outwards and varies in space, with
+    a per-tumour target FLAIR contrast so that some oedema is subtle. The core replaces all
+    tissue; necrosis and cysts are fluid-like (T2 very bright, FLAIR darker).
+
+    Args:
+      maps: fractions gm, wm, csf after the mass effect [D, H, W].
+      plan: from `plan_tumour`.
+      rng: lesion generator.
+      config: `lesions.tumour` config.
+      signals: {modality: {tissue: signal}} of this subject.
+      flair_contrast: (low, high) target FLAIR contrast of the oedema over WM.
+
+    Returns:
+      The `Lesion`.
+    """
+    shape = maps["wm"].shape
+    radius = plan.radius
+    core_ratio = rng.uniform(*config.core_ratio)
+    subtype = str(rng.choice(["solid", "necrotic", "cystic"], p=list(config.core_type_p)))
+    slices, rel = geometry.box_slices(plan.centre, 1.6 * radius + 3.0, shape)
+    box = rel.shape[1:]
+    axes = geometry.random_basis(rng)
+    radii = radius * rng.uniform(0.75, 1.25, size=3)
+    rough = config.irregularity
+    sd_outer = (geometry.ellipsoid_signed_distance(rel, axes, radii)
+                + rough * radius * geometry.smooth_field(rng, box, (6, 6, 6)))
+    sd_core = (geometry.ellipsoid_signed_distance(rel, axes, radii * core_ratio)
+               + rough * radius * core_ratio * geometry.smooth_field(rng, box, (5, 5, 5)))
+    inner_ratio = core_ratio * rng.uniform(0.4, 0.75)
+    sd_inner = (geometry.ellipsoid_signed_distance(rel, axes, radii * inner_ratio)
+                + 0.1 * radius * geometry.smooth_field(rng, box, (4, 4, 4)))
+    outer = geometry.soft_fraction(sd_outer)
+    core = np.minimum(geometry.soft_fraction(sd_core), outer)
+    inner = np.minimum(geometry.soft_fraction(sd_inner), core)
+    if subtype == "solid":
+        inner = np.zeros_like(inner)
+
+    gm, wm, csf = (maps[name][slices] for name in ("gm", "wm", "csf"))
+    tissue = gm + wm + csf
+    oedema_room = np.minimum(tissue, 1.3 * wm)  # oedema follows white matter
+    oedema_geometry = (outer - core) * oedema_room
+    core_geometry = core * tissue
+
+    contrast = rng.uniform(*flair_contrast)
+    edge = rng.uniform(*config.oedema_edge)
+    across = np.clip(sd_core / max(radius * (1.0 - core_ratio), 1.0), 0.0, 1.0)
+    texture = 1.0 + config.oedema_heterogeneity * geometry.smooth_field(rng, box, (6, 6, 6))
+    oedema_severity = np.clip(
+        severity_for_flair_contrast(signals, "oedema", contrast)
+        * (1.0 - (1.0 - edge) * across) * texture, 0.0, 1.0)
+    solid_severity = rng.uniform(*config.solid_severity)
+    inner_severity = rng.uniform(0.7, 1.0)
+    inner_tissue = "necrosis" if subtype == "necrotic" else "cyst"
+
+    local = {
+        "oedema": oedema_geometry * oedema_severity,
+        "tumour": (core - inner) * tissue * solid_severity,
+        inner_tissue: inner * tissue * inner_severity,
+    }
+    fraction = np.zeros(shape, np.float32)
+    fraction[slices] = core_geometry + oedema_geometry
+    pathology = {}
+    for name, value in local.items():
+        pathology[name] = np.zeros(shape, np.float32)
+        pathology[name][slices] = value
+    info = {"count": 1, "subtype": subtype, "radius_vox": round(radius, 2),
+            "mass_effect": round(plan.mass_effect, 3), "flair_contrast": [round(contrast, 3)]}
+    return Lesion(fraction, pathology, info)
+
+
+# ----------------------------------------------------------------------------------------
+# MS
+
+
+def _gradient_at(volume: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """[3] central-difference gradient of `volume` at the voxel nearest `point`."""
+    idx = np.clip(np.round(point).astype(int), 1, np.asarray(volume.shape) - 2)
+    grad = np.zeros(3)
+    for axis in range(3):
+        step = np.zeros(3, int)
+        step[axis] = 1
+        grad[axis] = (volume[tuple(idx + step)] - volume[tuple(idx - step)]) / 2.0
+    return grad
+
+
+def make_ms(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
+    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+) -> Lesion:
+    """Several small ovoid white-matter lesions, mostly periventricular.
+
+    Periventricular ovoids point their long axis along the gradient of the distance to the
+    ventricles, i.e. perpendicular to the ventricle wall (Dawson's fingers); the others
+    sit in deep or juxtacortical white matter with random orientation. Each lesion has its
+    own target FLAIR contrast. Lesions occupy parenchyma, not CSF.
+
+    Args:
+      maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
+      rng: lesion generator.
+      config: `lesions.ms` config.
+      signals: {modality: {tissue: signal}} of this subject.
+      flair_contrast: (low, high) target FLAIR contrast over WM.
+
+    Returns:
+      The `Lesion`.
+    """
+    shape = maps["wm"].shape
+    distance = maps["ventricle_distance"]
+    periventricular = np.argwhere(
+        (maps["wm"] > 0.6) & (distance >= 1.0) & (distance <= config.periventricular_max_vox))
+    deep = np.argwhere((maps["wm"] > 0.7) & (maps["depth"] > 3.0)
+                       & (distance > config.periventricular_max_vox))
+    count = int(rng.integers(config.count[0], config.count[1] + 1))
+    lesion_shape = np.zeros(shape, np.float32)
+    lesion_severity = np.zeros(shape, np.float32)
+    contrasts = []
+    for _ in range(count):
+        is_periventricular = rng.uniform() < config.periventricular_fraction
+        if is_periventricular:
+            centre = _pick(rng, periventricular, "periventricular MS lesion centre")
+            axes = geometry.orthonormal_basis(_gradient_at(distance, centre), rng)
+        else:
+            centre = _pick(rng, deep, "deep white-matter MS lesion centre")
+            axes = geometry.random_basis(rng)
+        long_radius = rng.uniform(*config.long_radius_vox)
+        short_radius = min(long_radius, rng.uniform(*config.short_radius_vox))
+        radii = (long_radius, short_radius, short_radius * rng.uniform(0.8, 1.2))
+        slices, rel = geometry.box_slices(centre, long_radius + 2.0, shape)
+        sd = (geometry.ellipsoid_signed_distance(rel, axes, radii)
+              + 0.2 * short_radius * geometry.smooth_field(rng, rel.shape[1:], (4, 4, 4)))
+        local = geometry.soft_fraction(sd)
+        contrast = rng.uniform(*flair_contrast)
+        contrasts.append(round(float(contrast), 3))
+        severity = severity_for_flair_contrast(signals, "ms", contrast)
+        _paste(lesion_shape, slices, local)
+        _paste(lesion_severity, slices, local * severity)
+    parenchyma = maps["gm"] + maps["wm"]
+    info = {"count": count, "subtype": "ms", "flair_contrast": contrasts}
+    return Lesion(lesion_shape * parenchyma, {"ms": lesion_severity * parenchyma}, info)
+
+
+# ----------------------------------------------------------------------------------------
+# Stroke
+
+
+def make_stroke(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
+    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+) -> Lesion:
+    """A cortical-subcortical wedge, like an arterial territory infarct.
+
+    The wedge is a cone whose axis runs from a cortical point towards the ventricles; it
+    covers the cortex and the white matter beneath down to a random depth, with rough
+    edges. Subacute infarcts are oedema-like (FLAIR bright to a drawn contrast); chronic
+    ones are a fluid cavity (T1 dark, T2 bright, FLAIR dark) lined with bright gliosis.
+
+    Args:
+      maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
+      rng: lesion generator.
+      config: `lesions.stroke` config.
+      signals: {modality: {tissue: signal}} of this subject.
+      flair_contrast: (low, high) target FLAIR contrast over WM.
+
+    Returns:
+      The `Lesion`.
+    """
+    shape = maps["wm"].shape
+    centre_of_ventricles = ventricle_centre(maps)
+    z_index = np.arange(shape[2])[None, None, :]
+    cortex = np.argwhere((maps["gm"] > 0.5) & (maps["depth"] >= 1.0) & (maps["depth"] <= 4.0)
+                         & (z_index >= centre_of_ventricles[2] - 4.0))
+    surface_point = _pick(rng, cortex, "cortical stroke origin")
+    to_centre = centre_of_ventricles - surface_point
+    axis = to_centre / max(np.linalg.norm(to_centre), 1e-6)
+    reach = rng.uniform(*config.depth_fraction) * np.linalg.norm(to_centre)
+    half_angle = np.deg2rad(rng.uniform(*config.half_angle_deg))
+    # Apex beyond the deep end; "along" counts from the apex back towards the cortex.
+    apex_offset = reach * rng.uniform(0.8, 1.6)
+    apex = surface_point + axis * (reach + apex_offset)
+    along_min, along_max = apex_offset, reach + apex_offset + 4.0
+    box_centre = apex - axis * (along_min + along_max) / 2.0
+    box_radius = (along_max - along_min) / 2.0 + along_max * np.tan(half_angle) + 3.0
+    slices, rel = geometry.box_slices(box_centre, box_radius, shape)
+    from_apex = rel + (box_centre - apex).astype(np.float32)[:, None, None, None]
+    along = -np.tensordot(axis.astype(np.float32), from_apex, axes=(0, 0))
+    perp = np.sqrt(np.maximum((from_apex**2).sum(axis=0) - along**2, 0.0))
+    sd = np.maximum.reduce([
+        perp * np.cos(half_angle) - along * np.sin(half_angle),
+        along_min - along,
+        along - along_max,
+    ]) + config.irregularity * geometry.smooth_field(rng, rel.shape[1:], (6, 6, 6))
+    wedge = geometry.soft_fraction(sd)
+    parenchyma = maps["gm"][slices] + maps["wm"][slices]
+    local_fraction = wedge * parenchyma
+
+    subtype = "chronic" if rng.uniform() < config.chronic_probability else "subacute"
+    contrast = rng.uniform(*flair_contrast)
+    if subtype == "chronic":
+        rim_width = rng.uniform(*config.rim_width_vox)
+        cavity = np.clip(-sd - rim_width, 0.0, 1.0)
+        local = {
+            "infarct_fluid": local_fraction * cavity * rng.uniform(0.6, 1.0),
+            "gliosis": local_fraction * (1.0 - cavity)
+            * severity_for_flair_contrast(signals, "gliosis", contrast),
+        }
+    else:
+        texture = 1.0 + 0.2 * geometry.smooth_field(rng, rel.shape[1:], (5, 5, 5))
+        severity = severity_for_flair_contrast(signals, "infarct_acute", contrast)
+        local = {"infarct_acute": local_fraction * np.clip(severity * texture, 0.0, 1.0)}
+    fraction = np.zeros(shape, np.float32)
+    fraction[slices] = local_fraction
+    pathology = {}
+    for name, value in local.items():
+        pathology[name] = np.zeros(shape, np.float32)
+        pathology[name][slices] = value
+    info = {"count": 1, "subtype": subtype, "flair_contrast": [round(float(contrast), 3)],
+            "half_angle_deg": round(float(np.rad2deg(half_angle)), 1)}
+    return Lesion(fraction, pathology, info)
+
+
+def insert(fractions: Mapping[str, np.ndarray], lesion: Lesion) -> dict[str, np.ndarray]:
+    """Replaces healthy tissue by the lesion's pathological compartments.
+
+    The healthy compartments shrink in proportion so each voxel's total is unchanged.
+
+    Args:
+      fractions: {compartment: [D, H, W] float32}, healthy tissue included.
+      lesion: the lesion (pathology <= fraction <= tissue).
+
+    Returns:
+      New {compartment: [D, H, W] float32}.
+    """
+    if not lesion.pathology:
+        return dict(fractions)
+    pathology_total = sum(lesion.pathology.values())
+    total = sum(fractions.values())
+    keep = np.where(total > 1e-6, 1.0 - pathology_total / np.maximum(total, 1e-6), 1.0)
+    keep = np.clip(keep, 0.0, 1.0).astype(np.float32)
+    out = {name: value * keep for name, value in fractions.items()}
+    for name, value in lesion.pathology.items():
+        out[name] = out[name] + value if name in out else value
+    return out
