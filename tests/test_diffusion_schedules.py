@@ -68,7 +68,9 @@ def test_make_schedule_fields_closed_form():
     pv = betas * (1 - ab_prev) / (1 - ab)
     np.testing.assert_allclose(sch.posterior_variance, pv, rtol=1e-6, atol=1e-12)
     assert float(sch.posterior_variance[0]) == 0.0
-    np.testing.assert_allclose(sch.posterior_log_variance_clipped, np.log([pv[1], *pv[1:]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        sch.posterior_log_variance_clipped, np.log([pv[1], *pv[1:]]), rtol=1e-6
+    )
 
 
 def test_schedule_errors():
@@ -136,7 +138,7 @@ def test_parameterisation_round_trips():
     t = jnp.array([0, 300, 900])
     x_t = D.q_sample(sch, x0=x0, t=t, noise=eps)
     v = D.v_from(sch, x0=x0, eps=eps, t=t)
-    tol = dict(rtol=1e-4, atol=2e-4)
+    tol = {"rtol": 1e-4, "atol": 2e-4}
     np.testing.assert_allclose(D.x0_from_eps(sch, x_t=x_t, t=t, eps=eps), x0, **tol)
     np.testing.assert_allclose(D.eps_from_x0(sch, x_t=x_t, t=t, x0=x0)[1:], eps[1:], **tol)
     np.testing.assert_allclose(D.x0_from_v(sch, x_t=x_t, t=t, v=v), x0, **tol)

@@ -28,6 +28,7 @@ SQUISH_CONSTANT_3D = 1.0 / 3.0  # (sqrt(3 + 1) - 1) / 3
 NORM_CONSTANT_3D = 103.0
 
 # 8 gradients approximating the directions to the vertices of an octagon, (gx, gy) pairs.
+# fmt: off
 GRADIENTS_2D = np.array([5, 2, 2, 5, -5, 2, -2, 5, 5, -2, 2, -5, -5, -2, -2, -5], np.int32)
 # 24 gradients (rhombicuboctahedron vertices, skewed), (gx, gy, gz) triples.
 GRADIENTS_3D = np.array(
@@ -36,17 +37,20 @@ GRADIENTS_3D = np.array(
      -11, 4, -4, -4, 11, -4, -4, 4, -11, 11, 4, -4, 4, 11, -4, 4, 4, -11,
      -11, -4, -4, -4, -11, -4, -4, -4, -11, 11, -4, -4, 4, -11, -4, 4, -4, -11],
     np.int32,
-)  # fmt: skip
+)
+# fmt: on
 
 # Lattice offsets (relative to the stretched super-cell origin) whose kernel can reach a point
 # of that cell (|d|^2 < 2 in squished space); found by exhaustive search over {-3..4}^3.
+# fmt: off
 _OFFSETS_3D = np.array(
     [(-1, 0, 1), (-1, 1, 0), (-1, 1, 1), (0, -1, 1), (0, 0, 0), (0, 0, 1), (0, 0, 2),
      (0, 1, -1), (0, 1, 0), (0, 1, 1), (0, 1, 2), (0, 2, 0), (0, 2, 1), (1, -1, 0),
      (1, -1, 1), (1, 0, -1), (1, 0, 0), (1, 0, 1), (1, 0, 2), (1, 1, -1), (1, 1, 0),
      (1, 1, 1), (1, 2, 0), (2, 0, 0), (2, 0, 1), (2, 1, 0)],
     np.int32,
-)  # fmt: skip
+)
+# fmt: on
 
 
 def gaussian_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -268,9 +272,14 @@ def _simplex_batch(key, shape, *, octaves, persistence, frequency, shared_across
 
     def one(k):
         return simplex_octaves(
-            perm=perm_from_key(k), height=h, width=w, octaves=octaves,
-            persistence=persistence, frequency=frequency, z=z,
-        )  # fmt: skip
+            perm=perm_from_key(k),
+            height=h,
+            width=w,
+            octaves=octaves,
+            persistence=persistence,
+            frequency=frequency,
+            z=z,
+        )
 
     maps = jax.vmap(one)(keys)  # [n_maps, H, W]
     if shared_across_batch:
@@ -306,9 +315,14 @@ def simplex_noise(
         `[B, H, W, C]` float32 noise, mean ~0, std ~0.55 (per map 0.4-0.7), values in ~[-2.3, 2.3].
     """
     return _simplex_batch(
-        key, shape, octaves=octaves, persistence=persistence, frequency=frequency,
-        shared_across_batch=shared_across_batch, z=None,
-    )  # fmt: skip
+        key,
+        shape,
+        octaves=octaves,
+        persistence=persistence,
+        frequency=frequency,
+        shared_across_batch=shared_across_batch,
+        z=None,
+    )
 
 
 @functools.partial(
@@ -341,6 +355,11 @@ def simplex_noise_3d(
         `[B, H, W, C]` float32 noise, not normalised.
     """
     return _simplex_batch(
-        key, shape, octaves=octaves, persistence=persistence, frequency=frequency,
-        shared_across_batch=shared_across_batch, z=t,
-    )  # fmt: skip
+        key,
+        shape,
+        octaves=octaves,
+        persistence=persistence,
+        frequency=frequency,
+        shared_across_batch=shared_across_batch,
+        z=t,
+    )

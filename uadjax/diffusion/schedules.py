@@ -68,7 +68,9 @@ def linear_betas(num_timesteps: int = 1000, start: float = 1e-4, end: float = 2e
     return np.linspace(start, end, num_timesteps, dtype=np.float64)
 
 
-def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+def cosine_betas(
+    num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999
+) -> np.ndarray:
     """Cosine schedule of Nichol and Dhariwal (2021).
 
     alpha_bar(u) = cos(((u / T) + s) / (1 + s) * pi / 2)^2 on u = 0..T, normalised by
@@ -113,18 +115,18 @@ def make_schedule(betas) -> Schedule:
     log_var_src = np.concatenate([post_var[1:2], post_var[1:]]) if b.size > 1 else post_var
     with np.errstate(divide="ignore"):
         post_log_var = np.log(log_var_src)
-    consts = dict(
-        betas=b,
-        alphas=alphas,
-        alphas_cumprod=ac,
-        alphas_cumprod_prev=ac_prev,
-        sqrt_alphas_cumprod=np.sqrt(ac),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-        posterior_variance=post_var,
-        posterior_log_variance_clipped=post_log_var,
-        posterior_mean_coef1=b * np.sqrt(ac_prev) / (1.0 - ac),
-        posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-    )
+    consts = {
+        "betas": b,
+        "alphas": alphas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_log_var,
+        "posterior_mean_coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in consts.items()})
 
 
