@@ -1,0 +1,80 @@
+"""Preprocessing and augmentation defaults: `get_config(arg)`.
+
+Variants (arg, optionally followed by modalities, e.g. 'paper' or 'cpu:t2,flair'):
+  paper   96x96 in-plane at 2 mm, percentile (Behrendt) normalisation, T2.
+  cpu     64x64 in-plane at 3 mm (fast CPU runs), percentile normalisation, T2.
+  disyre  96x96 at 2 mm, DISYRE quantile normalisation (q0 .. q0.98 over all voxels).
+  mmccd   96x96 at 2 mm, MMCCD [-3, 3] normalisation, T1/T2/PD/FLAIR, lesion-free training
+          slices of lesion subjects.
+  tiny    16x16 at 3 mm for unit tests.
+
+Use from the command line as `--config configs/data.py:cpu`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_augment_config() -> ml_collections.ConfigDict:
+    """Intensity augmentation (uadjax.data.pipeline.AugmentConfig fields)."""
+    aug = ml_collections.ConfigDict()
+    aug.enabled = True  # Master switch.
+    aug.gamma_p = 0.5  # Probability of a gamma change per slice (torchio RandomGamma p=.5).
+    aug.gamma_range = (0.7, 1.5)  # Gamma range, sampled log-uniformly.
+    aug.bias_p = 0.25  # Probability of a smooth multiplicative bias field (RandomBiasField).
+    aug.bias_order = 3  # Polynomial degree of the bias field.
+    aug.bias_coeff = 0.3  # Coefficients ~ U(-c, c).
+    aug.noise_p = 0.25  # Probability of Gaussian noise inside the brain.
+    aug.noise_std = (0.0, 0.03)  # Noise std range.
+    return aug
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the data config for variant `arg` ('paper', 'cpu', 'disyre', 'mmccd', 'tiny').
+
+    `arg` may carry modalities after a colon: 'cpu:t2,flair'.
+    """
+    variant, _, mods = (arg or "cpu").partition(":")
+    c = ml_collections.ConfigDict()
+    c.dataset = "phantom"  # Dataset name: first part of the shard name (phantom_t2_64).
+    c.modalities = ("t2",)  # Channel order of `image`.
+    c.image_size = (64, 64)  # (H, W) after centred crop/pad on the brain bounding box.
+    c.num_slices = ml_collections.config_dict.placeholder(int)  # Axial crop/pad; None: all.
+    c.target_spacing = (3.0, 3.0, 3.0)  # mm after resampling; None: keep native spacing.
+    c.slice_range = ml_collections.config_dict.placeholder(tuple)  # (start, stop) or None.
+    c.min_brain_fraction = 0.05  # Training slices need this fraction of brain pixels.
+    c.train_lesion_free_only = True  # Training slices of lesion subjects must be lesion-free.
+    c.normalisation = "percentile"  # 'percentile' | 'quantile' | 'mmccd' | 'none'.
+    c.percentiles = (1.0, 99.0)  # Brain percentiles clipped and rescaled to [0, 1].
+    c.quantile_upper = 0.98  # DISYRE: (v - q0) / (q_upper - q0) over all voxels.
+    c.mmccd_percentiles = (2.0, 90.0)  # MMCCD: brain percentiles mapped to mmccd_range.
+    c.mmccd_range = (-3.0, 3.0)
+    c.mmccd_lower_over = "brain"  # 'brain' (README) or 'volume' (code: l = background 0).
+    c.brain_mask = "file"  # 'file' (mask file if listed, else non-zero) or 'nonzero'.
+    c.affine_atol = 1e-3  # Tolerance when comparing one subject's affines.
+    c.name = ""  # Shard name override; '' derives '<dataset>_<mods>_<size>[_<norm>]'.
+    c.augment = get_augment_config()
+
+    if variant == "paper":
+        c.image_size = (96, 96)
+        c.target_spacing = (2.0, 2.0, 2.0)
+    elif variant == "cpu":
+        pass
+    elif variant == "disyre":
+        c.image_size = (96, 96)
+        c.target_spacing = (2.0, 2.0, 2.0)
+        c.normalisation = "quantile"
+    elif variant == "mmccd":
+        c.image_size = (96, 96)
+        c.target_spacing = (2.0, 2.0, 2.0)
+        c.normalisation = "mmccd"
+        c.modalities = ("t1", "t2", "pd", "flair")
+    elif variant == "tiny":
+        c.image_size = (16, 16)
+        c.target_spacing = (3.0, 3.0, 3.0)
+    else:
+        raise ValueError(f"unknown data config variant {variant!r}")
+    if mods:
+        c.modalities = tuple(m.strip() for m in mods.split(",") if m.strip())
+    return c

@@ -1,0 +1,304 @@
+"""Slice shards: a TFDS builder (no TensorFlow) writing ArrayRecord files of axial slices.
+
+Layout of a prepared data dir (`<name>` = `PreprocessConfig.builder_config_name`,
+e.g. `phantom_t2_64`):
+
+    <data_dir>/uadjax_slices/<name>/1.0.0/
+        uadjax_slices-train.array_record-00000-of-0000N       training slices (filtered)
+        uadjax_slices-val_healthy.array_record-...            every slice of every volume,
+        uadjax_slices-val_lesion.array_record-...             volume after volume, slices in
+        uadjax_slices-test_lesion.array_record-...            axial order
+        uadjax_slices-test_healthy.array_record-...
+        dataset_info.json, features.json                       TFDS metadata
+        volumes.json                                           per-subject index (see below)
+
+Splits without any (successfully preprocessed) subject are not written. `volumes.json`:
+`{"config_name", "preprocess": {...}, "dataset_dir", "splits": {split: num_records},
+"subjects": [{"id", "split", "kind", "num_slices", "offset", "num_records",
+"train_slice_indices", "lesion_volume_ml", "lesion_voxels", "geometry"}], "failures": [...]}`
+where `offset` is the subject's first record in its split (evaluation splits hold
+`num_slices` records per subject, so records offset..offset+num_slices-1 are its slices
+0..num_slices-1).
+
+`prepare_dataset` preprocesses every subject first (failures are collected, the others go
+on), caches the volumes as .npy in a temporary folder, builds the shards into that folder and
+renames the finished version folder into place, so no half-written shards are ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from uadjax.data import nifti
+from uadjax.data.preprocess import PreprocessConfig, preprocess_files, training_slice_indices
+from uadjax.data.schema import SPLITS, TRAIN, DataError
+
+VERSION = "1.0.0"
+VOLUMES_JSON = "volumes.json"
+# Arrays are stored as raw bytes: decoding is one np.frombuffer instead of a float list.
+BYTES = tfds.features.Encoding.BYTES
+
+
+class UadjaxSlices(tfds.core.GeneratorBasedBuilder):
+    """Axial slices of preprocessed brain MRI volumes, one builder config per preprocessing.
+
+    Construct with `UadjaxSlices(data_dir=..., preprocess_config=cfg)`; the builder config
+    name is `cfg.builder_config_name`. Building (`download_and_prepare`) needs `cache_dir`
+    and `subjects` from `prepare_dataset`; reading needs neither.
+    """
+
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES: ClassVar[dict] = {str(VERSION): "Axial slices of preprocessed NIfTI volumes."}
+
+    def __init__(self, *, preprocess_config, cache_dir=None, subjects=(), **kwargs):
+        self._pp = PreprocessConfig.from_config(preprocess_config)
+        self._cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._subjects = list(subjects)
+        config = tfds.core.BuilderConfig(name=self._pp.builder_config_name,
+                                         description=json.dumps(self._pp.to_dict()))
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        h, w = self._pp.image_size
+        m = len(self._pp.modalities)
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(h, w, m), dtype=np.float32, encoding=BYTES),
+            "brain_mask": tfds.features.Tensor(shape=(h, w), dtype=np.uint8, encoding=BYTES),
+            "seg": tfds.features.Tensor(shape=(h, w), dtype=np.uint8, encoding=BYTES),
+            "subject_id": tfds.features.Text(),
+            "slice_index": tfds.features.Scalar(dtype=np.int32),
+            "kind": tfds.features.Text(),
+        })
+        return tfds.core.DatasetInfo(
+            builder=self, features=features, disable_shuffling=True,
+            description="uadjax axial slices; preprocessing: " + json.dumps(self._pp.to_dict()))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        present = [s for s in SPLITS if any(e["split"] == s for e in self._subjects)]
+        return {split: self._generate_examples(split) for split in present}
+
+    def _generate_examples(self, split):
+        """Yields (key, record) for the split's subjects in manifest order."""
+        for entry in self._subjects:
+            if entry["split"] != split:
+                continue
+            arrays = np.load(self._cache_dir / f"{entry['id']}.npz")
+            indices = (entry["train_slice_indices"] if split == TRAIN
+                       else range(entry["num_slices"]))
+            for i in indices:
+                yield f"{entry['id']}_{i:05d}", {
+                    "image": arrays["images"][i],
+                    "brain_mask": arrays["brain_mask"][i].astype(np.uint8),
+                    "seg": arrays["seg"][i],
+                    "subject_id": entry["id"],
+                    "slice_index": np.int32(i),
+                    "kind": entry["kind"],
+                }
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_dataset` did.
+
+    Attributes:
+      output_dir: the version folder holding the shards and volumes.json.
+      config_name: builder config name.
+      num_records: split -> number of slice records written.
+      num_subjects: split -> number of subjects written.
+      failures: [{"subject", "path", "problem"}] for each subject that was skipped.
+    """
+
+    output_dir: Path
+    config_name: str
+    num_records: dict = field(default_factory=dict)
+    num_subjects: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        lines = [f"{self.config_name} -> {self.output_dir}"]
+        for split, n in self.num_records.items():
+            lines.append(f"  {split}: {self.num_subjects.get(split, 0)} subjects, {n} slices")
+        for f in self.failures:
+            lines.append(f"  FAILED {f['subject']}: {f['path']}: {f['problem']}")
+        return "\n".join(lines)
+
+
+def builder_dir(data_dir, config) -> Path:
+    """`<data_dir>/uadjax_slices/<config name>/<version>`: where the shards live."""
+    name = PreprocessConfig.from_config(config).builder_config_name
+    return Path(data_dir) / UadjaxSlices.name / name / VERSION
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, progress: bool):
+    """Preprocesses every manifest subject into `cache_dir/<id>.npz`.
+
+    Returns:
+      (entries for volumes.json, failures).
+    """
+    manifest = nifti.read_manifest(dataset_dir)
+    entries, failures, seen = [], [], set()
+    subjects = manifest["subjects"]
+    for raw in tqdm(subjects, desc=f"preprocess {pp.builder_config_name}", disable=not progress):
+        sid = str(raw.get("id", "?"))
+        try:
+            if sid in seen:
+                raise DataError(dataset_dir / "manifest.json", f"duplicate subject id {sid}")
+            if raw.get("split") not in SPLITS:
+                raise DataError(dataset_dir / sid, f"unknown split {raw.get('split')!r}")
+            files = nifti.subject_files(dataset_dir, raw, pp.modalities)
+            vol = preprocess_files(files, pp)
+        except DataError as err:
+            failures.append({"subject": sid, "path": err.path, "problem": err.problem})
+            continue
+        except Exception as err:  # noqa: BLE001 - one subject's crash must not stop the rest.
+            failures.append({"subject": sid, "path": str(dataset_dir / sid),
+                             "problem": f"{type(err).__name__}: {err}"})
+            continue
+        seen.add(sid)
+        train_idx = training_slice_indices(vol, min_brain_fraction=pp.min_brain_fraction,
+                                           lesion_free_only=pp.train_lesion_free_only)
+        np.savez(cache_dir / f"{sid}.npz", images=vol.images, brain_mask=vol.brain_mask,
+                 seg=vol.seg)
+        entries.append({
+            "id": sid, "split": files.split, "kind": files.kind,
+            "num_slices": vol.num_slices,
+            "train_slice_indices": [int(i) for i in train_idx],
+            "lesion_volume_ml": files.lesion_volume_ml,
+            "lesion_voxels": int(vol.seg.sum()),
+            "geometry": vol.geometry.to_dict(),
+        })
+    return entries, failures
+
+
+def _add_offsets(entries: list) -> dict:
+    """Adds `offset` and `num_records` to each entry; returns split -> number of records."""
+    totals = {}
+    for entry in entries:
+        split = entry["split"]
+        n = len(entry["train_slice_indices"]) if split == TRAIN else entry["num_slices"]
+        entry["offset"] = totals.get(split, 0)
+        entry["num_records"] = n
+        totals[split] = totals.get(split, 0) + n
+    return totals
+
+
+def prepare_dataset(dataset_dir, data_dir, config, *, progress: bool = True) -> PrepareReport:
+    """Preprocesses a dataset folder (CONTRACTS.md format) into slice shards.
+
+    Subjects that fail are skipped and listed in the report (and in volumes.json); the
+    others are written. The finished version folder replaces any previous one atomically.
+
+    Args:
+      dataset_dir: folder with manifest.json and the subjects' NIfTI files.
+      data_dir: TFDS data dir receiving `uadjax_slices/<name>/1.0.0/`.
+      config: `PreprocessConfig` or ConfigDict (`configs/data.py`).
+      progress: show tqdm progress bars.
+
+    Returns:
+      The `PrepareReport`.
+
+    Raises:
+      DataError: the manifest itself is missing or unreadable.
+    """
+    pp = PreprocessConfig.from_config(config)
+    tfds.disable_progress_bar()  # TFDS's own bars (per split) would mix with ours.
+    dataset_dir, data_dir = Path(dataset_dir), Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    final = builder_dir(data_dir, pp)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{pp.builder_config_name}-", dir=data_dir))
+    try:
+        cache = tmp / "volumes"
+        cache.mkdir()
+        entries, failures = _preprocess_all(dataset_dir, pp, cache, progress)
+        totals = _add_offsets(entries)
+        builder = UadjaxSlices(data_dir=str(tmp / "tfds"), preprocess_config=pp,
+                               cache_dir=cache, subjects=entries)
+        if entries:
+            builder.download_and_prepare()
+            built = Path(builder.data_dir)
+        else:
+            built = tmp / "empty"
+            built.mkdir()
+        index = {
+            "config_name": pp.builder_config_name, "version": VERSION,
+            "preprocess": pp.to_dict(), "dataset_dir": str(dataset_dir.resolve()),
+            "splits": totals, "subjects": entries, "failures": failures,
+        }
+        _write_json_atomic(built / VOLUMES_JSON, index)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.replace(final, tmp / "previous")
+        os.replace(built, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = {}
+    for entry in entries:
+        counts[entry["split"]] = counts.get(entry["split"], 0) + 1
+    return PrepareReport(output_dir=final, config_name=pp.builder_config_name,
+                         num_records=totals, num_subjects=counts, failures=failures)
+
+
+def load_volumes_index(data_dir, config) -> dict:
+    """Reads the `volumes.json` of a prepared dataset (see the module docstring).
+
+    Raises:
+      FileNotFoundError: the dataset has not been prepared for this config.
+    """
+    path = builder_dir(data_dir, config) / VOLUMES_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not prepared; run python -m data_prep.prepare")
+    return json.loads(path.read_text())
+
+
+def volume_records(index: dict, split: str) -> list:
+    """[(subject_id, offset, num_records)] of one split, in record order."""
+    return [(e["id"], e["offset"], e["num_records"]) for e in index["subjects"]
+            if e["split"] == split]
+
+
+def load_split(data_dir, config, split: str):
+    """Random-access source of one split's slice records (feeds `grain.MapDataset.source`).
+
+    Args:
+      data_dir: the data dir given to `prepare_dataset`.
+      config: the same preprocessing config.
+      split: one of `schema.SPLITS`.
+
+    Returns:
+      A TFDS `ArrayRecordDataSource`: `len(src)`, `src[i]` -> dict of numpy values
+      (`subject_id` and `kind` as bytes).
+
+    Raises:
+      FileNotFoundError: not prepared. KeyError: the split was not written (no subject).
+    """
+    path = builder_dir(data_dir, config)
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{path}: not prepared; run python -m data_prep.prepare")
+    builder = UadjaxSlices(data_dir=str(data_dir), preprocess_config=config)
+    available = list(builder.info.splits.keys())
+    if split not in available:
+        raise KeyError(f"split {split!r} not in {path} (available: {available})")
+    return builder.as_data_source(split=split)

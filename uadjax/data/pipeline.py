@@ -1,0 +1,265 @@
+"""grain input pipelines over slice records: shuffled, augmented training batches and ordered,
+padded evaluation batches.
+
+Training batches (`make_train_iterator`) are dicts of numpy arrays with static shapes:
+
+  image        [B, H, W, M] float32
+  brain_mask   [B, H, W]    uint8
+  seg          [B, H, W]    uint8
+  slice_index  [B]          int32
+
+The string keys (`subject_id`, `kind`) are dropped from training batches. Evaluation
+batches (`make_eval_batches`) keep every record key, with `subject_id` and `kind` as
+fixed-width bytes arrays (`[B] |S64`), plus `valid [B] bool` (False on padding rows).
+
+Augmentation runs on whole batches (vectorised numpy, `MapDataset.random_map` after
+`batch`), so it is seeded per batch index: a restored iterator replays the same batches.
+Every augmentation changes intensities inside the brain mask only:
+  * gamma: (x - lo) / (hi - lo) -> ^g -> back, with lo/hi the slice's brain min/max per
+    channel and log g ~ U(log gamma_range);
+  * bias field: x * exp(sum_k c_k P_k(u, v)), polynomials of degree <= bias_order on
+    [-1, 1]^2, c_k ~ U(-bias_coeff, bias_coeff) (torchio RandomBiasField form);
+  * Gaussian noise: std ~ U(noise_std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+STRING_WIDTH = 64
+TRAIN_KEYS = ("image", "brain_mask", "seg", "slice_index")
+STRING_KEYS = ("subject_id", "kind")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Intensity augmentation settings (`configs/data.py: config.augment`).
+
+    Attributes:
+      enabled: master switch.
+      gamma_p: probability of a gamma change per slice.
+      gamma_range: (low, high) gamma, sampled log-uniformly.
+      bias_p: probability of a multiplicative bias field per slice.
+      bias_order: maximum polynomial degree of the bias field.
+      bias_coeff: coefficients ~ U(-bias_coeff, bias_coeff).
+      noise_p: probability of Gaussian noise per slice.
+      noise_std: (low, high) noise standard deviation, sampled uniformly.
+    """
+
+    enabled: bool = True
+    gamma_p: float = 0.5
+    gamma_range: tuple = (0.7, 1.5)
+    bias_p: float = 0.25
+    bias_order: int = 3
+    bias_coeff: float = 0.3
+    noise_p: float = 0.25
+    noise_std: tuple = (0.0, 0.03)
+
+    @classmethod
+    def from_config(cls, config) -> AugmentConfig:
+        """From a ConfigDict/dict/AugmentConfig; None or False switch augmentation off."""
+        if config is None or config is False:
+            return cls(enabled=False)
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in values.items() if k in names})
+
+
+@functools.lru_cache(maxsize=8)
+def bias_basis(height: int, width: int, order: int) -> np.ndarray:
+    """[K, H, W] float32 monomials u^i v^j (i + j <= order) on [-1, 1]^2, constant excluded."""
+    u, v = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    terms = [u ** i * v ** j for i in range(order + 1) for j in range(order + 1 - i)
+             if i + j > 0]
+    basis = np.stack(terms).astype(np.float32)
+    basis.setflags(write=False)
+    return basis
+
+
+def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) -> dict:
+    """Random intensity augmentation of a batch, inside the brain only.
+
+    Args:
+      batch: dict with image [B, H, W, M] float32 and brain_mask [B, H, W] (0/1).
+      rng: the numpy generator grain passes to `random_map`.
+      config: `AugmentConfig`.
+
+    Returns:
+      The batch with a new `image` (other keys unchanged).
+    """
+    if not config.enabled:
+        return batch
+    image = batch["image"].astype(np.float32, copy=True)
+    mask = batch["brain_mask"].astype(bool)
+    b, h, w, m = image.shape
+    brain = mask[..., None]
+
+    do_gamma = rng.random(b) < config.gamma_p
+    do_bias = rng.random(b) < config.bias_p
+    do_noise = rng.random(b) < config.noise_p
+    log_lo, log_hi = np.log(config.gamma_range)
+    gammas = np.exp(rng.uniform(log_lo, log_hi, size=b)).astype(np.float32)
+    basis = bias_basis(h, w, config.bias_order)
+    coeffs = rng.uniform(-config.bias_coeff, config.bias_coeff,
+                         size=(b, basis.shape[0])).astype(np.float32)
+    stds = rng.uniform(*config.noise_std, size=b).astype(np.float32)
+
+    idx = np.flatnonzero(do_gamma)
+    if idx.size:
+        x, br = image[idx], brain[idx]
+        lo = np.where(br, x, np.inf).min(axis=(1, 2), keepdims=True)
+        hi = np.where(br, x, -np.inf).max(axis=(1, 2), keepdims=True)
+        lo = np.where(np.isfinite(lo), lo, 0.0)
+        span = np.maximum(np.where(np.isfinite(hi), hi, 0.0) - lo, 1e-6)
+        unit = np.clip((x - lo) / span, 0.0, 1.0)
+        g = gammas[idx][:, None, None, None]
+        image[idx] = np.where(br, lo + span * unit ** g, x)
+    idx = np.flatnonzero(do_bias)
+    if idx.size:
+        field = np.exp(np.tensordot(coeffs[idx], basis, axes=1))[..., None]
+        image[idx] = np.where(brain[idx], image[idx] * field, image[idx])
+    idx = np.flatnonzero(do_noise)
+    if idx.size:
+        noise = rng.standard_normal((idx.size, h, w, m), dtype=np.float32)
+        image[idx] = image[idx] + brain[idx] * noise * stds[idx][:, None, None, None]
+    out = dict(batch)
+    out["image"] = image
+    return out
+
+
+class _Augment(grain.transforms.RandomMap):
+    """`augment_batch` as a grain RandomMap (seeded per element by grain)."""
+
+    def __init__(self, config: AugmentConfig):
+        self._config = config
+
+    def random_map(self, element, rng: np.random.Generator):
+        return augment_batch(element, rng, self._config)
+
+
+def stack_train_records(records) -> dict:
+    """Stacks slice records into a training batch (numeric keys only, fixed dtypes).
+
+    Args:
+      records: B slice records (dicts with the `schema.RECORD_KEYS`).
+
+    Returns:
+      image [B, H, W, M] float32, brain_mask [B, H, W] uint8, seg [B, H, W] uint8,
+      slice_index [B] int32.
+    """
+    return {
+        "image": np.stack([r["image"] for r in records]).astype(np.float32, copy=False),
+        "brain_mask": np.stack([r["brain_mask"] for r in records]).astype(np.uint8, copy=False),
+        "seg": np.stack([r["seg"] for r in records]).astype(np.uint8, copy=False),
+        "slice_index": np.array([r["slice_index"] for r in records], dtype=np.int32),
+    }
+
+
+def make_train_dataset(source, *, batch_size: int, seed: int, augment_config=None,
+                       process_index: int = 0, process_count: int = 1,
+                       num_epochs: int | None = None) -> grain.MapDataset:
+    """The training pipeline as a `grain.MapDataset` of batches (random access, lazy).
+
+    Args: as `make_train_iterator`.
+
+    Returns:
+      MapDataset whose element i is training batch i.
+    """
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} training records for {process_count} processes")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+        raise ValueError(f"{len(ds)} training records per process < batch size {batch_size}")
+    ds = ds.seed(seed).shuffle().repeat(num_epochs)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_train_records)
+    augment = AugmentConfig.from_config(augment_config)
+    if augment.enabled:
+        ds = ds.random_map(_Augment(augment))
+    return ds
+
+
+def make_train_iterator(source, *, batch_size: int, seed: int, augment_config,
+                        process_index: int = 0, process_count: int = 1,
+                        num_epochs: int | None = None, num_threads: int = 4,
+                        prefetch: int = 8) -> grain.DatasetIterator:
+    """Shuffled, repeated, augmented training batches from a random-access source.
+
+    Pipeline: `MapDataset.source(src)[process_index::process_count].seed(seed).shuffle()
+    .repeat(num_epochs).batch(B, drop_remainder=True, batch_fn=stack_train_records)
+    .random_map(augment)
+    .to_iter_dataset(ReadOptions(num_threads, prefetch))`.
+
+    Args:
+      source: random-access records (`builder.load_split(...)` or any sequence of dicts).
+      batch_size: B, per process.
+      seed: shuffle and augmentation seed.
+      augment_config: `AugmentConfig`, a ConfigDict/dict with its fields, or None (off).
+      process_index: this process (e.g. `jax.process_index()`).
+      process_count: number of processes; each reads a disjoint 1/process_count share.
+      num_epochs: None repeats forever.
+      num_threads: grain read threads (each builds whole batches).
+      prefetch: batches prefetched.
+
+    Returns:
+      A grain `DatasetIterator` yielding dicts: image [B, H, W, M] float32, brain_mask
+      [B, H, W] uint8, seg [B, H, W] uint8, slice_index [B] int32. Its `get_state()` /
+      `set_state(state)` (or `grain.checkpoint.CheckpointSave/CheckpointRestore` inside orbax)
+      resume at exactly the next batch.
+    """
+    ds = make_train_dataset(source, batch_size=batch_size, seed=seed,
+                            augment_config=augment_config, process_index=process_index,
+                            process_count=process_count, num_epochs=num_epochs)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def _as_bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _eval_batch(source, batch_index: int, batch_size: int) -> dict:
+    """Records [i*B, min((i+1)*B, N)) stacked and zero-padded to B rows."""
+    start = batch_index * batch_size
+    stop = min(start + batch_size, len(source))
+    records = [source[i] for i in range(start, stop)]
+    pad = batch_size - len(records)
+    out = {}
+    for key in ("image", "brain_mask", "seg"):
+        arr = np.stack([np.asarray(r[key]) for r in records])
+        out[key] = np.concatenate([arr, np.zeros((pad, *arr.shape[1:]), arr.dtype)])
+    out["brain_mask"] = out["brain_mask"].astype(np.uint8)
+    out["image"] = out["image"].astype(np.float32)
+    out["slice_index"] = np.array([int(r["slice_index"]) for r in records] + [-1] * pad,
+                                  dtype=np.int32)
+    for key in STRING_KEYS:
+        out[key] = np.array([_as_bytes(r[key]) for r in records] + [b""] * pad,
+                            dtype=f"S{STRING_WIDTH}")
+    out["valid"] = np.arange(batch_size) < len(records)
+    return out
+
+
+def make_eval_batches(source, *, batch_size: int) -> grain.MapDataset:
+    """Ordered evaluation batches: every record exactly once, last batch padded.
+
+    Args:
+      source: random-access records of an evaluation split (volume after volume).
+      batch_size: B (static: the last batch is padded with zeros).
+
+    Returns:
+      A `grain.MapDataset` of ceil(N / B) batches (iterate it, or index it). Each batch:
+      image [B, H, W, M] float32, brain_mask [B, H, W] uint8, seg [B, H, W] uint8,
+      slice_index [B] int32 (-1 on padding), subject_id [B] |S64, kind [B] |S64,
+      valid [B] bool.
+    """
+    num_batches = math.ceil(len(source) / batch_size)
+    return grain.MapDataset.range(num_batches).map(
+        functools.partial(_eval_batch, source, batch_size=batch_size))
