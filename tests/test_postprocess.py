@@ -60,7 +60,7 @@ def test_median_filter_3d_equals_scipy(size):
 @pytest.mark.parametrize("connectivity", [1, 2, 3])
 @pytest.mark.parametrize("min_size", [2, 8])
 def test_remove_small_components_matches_skimage(connectivity, min_size):
-    measure = pytest.importorskip("skimage.measure")
+    from skimage import measure
     rng = np.random.default_rng(connectivity * 10 + min_size)
     binary = rng.random((10, 16, 16)) < 0.04
     if min_size > 2:  # grow some blobs past the size limit

@@ -29,10 +29,15 @@ def initialize_distributed() -> None:
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over all (or the first `num_devices`) devices."""
+    """A 1-D data-parallel mesh over all (or the first `num_devices`) devices.
+
+    The axis is `Auto`: inputs carry explicit NamedShardings and XLA propagates them through
+    the network, so model code (reshapes in pooling, attention) needs no sharding
+    annotations. With `Explicit` axes every such reshape would need an `out_sharding`.
+    """
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices[:n])
 
 

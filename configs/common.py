@@ -1,0 +1,96 @@
+"""Defaults shared by every method config: data, training loop, evaluation.
+
+A method config (`configs/<method>.py`) starts from `base_config(variant)` and adds its
+`model` and method-specific fields. Variants:
+  paper   the published protocol at full size (96x96 at 2 mm, paper batch size and steps)
+  cpu     sized for a 2-core CPU: 64x64 at 3 mm, small network, about 10 minutes of training
+  tiny    a few steps on a tiny phantom, for tests
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import data as data_configs
+
+VARIANTS = ("paper", "cpu", "tiny")
+
+
+def split_variant(arg: str | None, default: str = "paper") -> tuple[str, set[str]]:
+    """'cpu,ens' -> ('cpu', {'ens'}). The first word is the size variant, the rest modifiers."""
+    words = [w for w in (arg or default).split(",") if w]
+    size, modifiers = words[0], set(words[1:])
+    if size not in VARIANTS:
+        raise ValueError(f"unknown config variant {size!r}; first word must be one of {VARIANTS}")
+    return size, modifiers
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.method = ""
+    config.seed = 0
+
+    # Data: where the NIfTI dataset and the prepared shards live, and how slices are made.
+    config.data = data_configs.get_config(size)
+    d = config.data
+    d.dataset_dir = ""            # NIfTI dataset folder (manifest.json); '' = built-in phantom
+    d.data_dir = ".cache/shards"  # prepared slice shards (TFDS data dir)
+    d.phantom_dir = ".cache/phantom"  # where the phantom is generated (per variant and seed)
+    d.phantom_variant = "tiny" if size == "tiny" else "default"  # configs/phantom.py variant
+    d.phantom_seed = 0
+
+    # Training loop (uadjax/train.py).
+    config.train = ml_collections.ConfigDict()
+    t = config.train
+    t.batch_size = 32             # global batch (split over all devices)
+    t.num_steps = 19200           # Behrendt: 1600 epochs x 12 batches of 32
+    t.optimizer = "adam"          # 'adam' | 'adamw'
+    t.learning_rate = 1e-4
+    t.weight_decay = 0.0          # adamw only
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.warmup_steps = 0
+    t.lr_schedule = "constant"    # 'constant' | 'cosine'
+    t.grad_clip = 0.0             # global-norm clip; 0 disables
+    t.ema_decay = 0.0             # 0 disables EMA (Behrendt uses none)
+    t.log_every_steps = 100
+    t.checkpoint_every_steps = 1000
+    t.max_checkpoints = 2
+    t.val_every_steps = 1000      # healthy-validation loss; 0 disables
+    t.val_batches = 8             # batches of healthy validation slices per validation
+    t.tensorboard = True
+
+    # Evaluation (uadjax/evaluate.py): Behrendt post-processing and threshold protocol.
+    config.eval = ml_collections.ConfigDict()
+    e = config.eval
+    e.batch_size = 64
+    e.erode_iterations = 3        # brain-mask erosion per axial slice (H // 25 at 96 px)
+    e.median_size = 5             # 3D median filter; 0 disables
+    e.min_component_size = 8      # connected components smaller than this are removed; 0 off
+    e.threshold_steps = 10        # greedy threshold search steps on the lesion validation set
+    e.fprs = (0.01, 0.05, 0.1)    # label-free thresholds at these healthy false-positive rates
+    e.num_figures = 4             # subjects shown in the report per lesion kind
+    e.baseline = True             # also evaluate the intensity-threshold baseline
+    e.seed = 0
+
+    if size == "cpu":
+        t.batch_size = 16
+        t.log_every_steps = 50
+        t.checkpoint_every_steps = 250
+        t.val_every_steps = 250
+        t.val_batches = 4
+        e.batch_size = 32
+        e.erode_iterations = 2    # 64 px: H // 25 = 2
+    elif size == "tiny":
+        t.batch_size = 8
+        t.num_steps = 2
+        t.log_every_steps = 1
+        t.checkpoint_every_steps = 1
+        t.val_every_steps = 2
+        t.val_batches = 1
+        t.tensorboard = False
+        e.batch_size = 8
+        e.erode_iterations = 1
+        e.median_size = 3
+        e.num_figures = 1
+    return config

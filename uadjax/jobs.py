@@ -1,0 +1,129 @@
+"""The jobs behind the command line: phantom, shards, train, evaluate, predict, run.
+
+Each job takes the run's ConfigDict; paths in `config.data` are relative to the current
+directory unless absolute. Every job is idempotent: finished work (phantom, shards, trained
+stages) is found and reused, so rerunning a killed job resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import jax
+
+from uadjax import parallel
+from uadjax.data import builder, pipeline, schema
+from uadjax.train import TrainData
+
+
+def phantom_dir(config) -> Path:
+    d = config.data
+    return Path(d.phantom_dir) / f"{d.phantom_variant}-seed{d.phantom_seed}"
+
+
+def ensure_phantom(config, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Generates the built-in phantom if `config.data.dataset_dir` is unset (cached)."""
+    if config.data.dataset_dir:
+        return Path(config.data.dataset_dir)
+    from configs import phantom as phantom_configs  # noqa: PLC0415
+    from uadjax.data import phantom  # noqa: PLC0415
+
+    out = phantom_dir(config)
+    start = time.perf_counter()
+    phantom.generate_dataset(out, phantom_configs.get_config(config.data.phantom_variant),
+                             seed=config.data.phantom_seed, progress=progress,
+                             overwrite=overwrite)
+    print(f"phantom: {out} ({time.perf_counter() - start:.1f} s)")
+    return out
+
+
+def dataset_dir(config) -> Path:
+    return Path(config.data.dataset_dir) if config.data.dataset_dir else phantom_dir(config)
+
+
+def ensure_shards(config, *, progress: bool = True) -> dict:
+    """Prepares the slice shards for `config.data` unless they exist for the same dataset.
+
+    Returns the volumes index (`volumes.json`). Subjects that fail are reported and skipped;
+    preparation stops only if no training subject is left.
+    """
+    source = dataset_dir(config).resolve()
+    if not (source / "manifest.json").is_file():
+        ensure_phantom(config, progress=progress)
+    try:
+        index = builder.load_volumes_index(config.data.data_dir, config.data)
+        if index.get("dataset_dir") == str(source):
+            return index
+    except FileNotFoundError:
+        pass
+    start = time.perf_counter()
+    report = builder.prepare_dataset(source, config.data.data_dir, config.data,
+                                     progress=progress)
+    print(report.summary())
+    print(f"shards: {time.perf_counter() - start:.1f} s")
+    if report.failures:
+        print(f"WARNING: {len(report.failures)} subject(s) skipped (listed above)")
+    if not report.num_records.get(schema.TRAIN):
+        raise RuntimeError(f"{source}: no training slices could be prepared")
+    return builder.load_volumes_index(config.data.data_dir, config.data)
+
+
+def make_train_data(config, stage) -> TrainData:
+    """Training batches (this process's share) and a healthy-validation batch factory."""
+    ensure_shards(config)
+    train_source = builder.load_split(config.data.data_dir, config.data, schema.TRAIN)
+    iterator = pipeline.make_train_iterator(
+        train_source, batch_size=parallel.local_batch_size(config.train.batch_size),
+        seed=config.seed, augment_config=config.data.augment,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        val_source = builder.load_split(config.data.data_dir, config.data, schema.VAL_HEALTHY)
+    except KeyError:
+        return TrainData(train_iter=iterator)
+    val_batches = pipeline.make_eval_batches(
+        val_source, batch_size=parallel.local_batch_size(config.train.batch_size))
+    num = min(int(config.train.val_batches), len(val_batches))
+    stride = max(len(val_batches) // max(num, 1), 1)
+
+    def val_iter():
+        return (val_batches[i * stride] for i in range(num))
+
+    return TrainData(train_iter=iterator, val_batches=val_iter)
+
+
+def train(config, workdir: str, *, stages=None, progress: bool = True) -> None:
+    from uadjax import train as train_lib  # noqa: PLC0415
+
+    ensure_shards(config, progress=progress)
+    train_lib.train(config, workdir, make_data=make_train_data, stages=stages,
+                    progress=progress)
+
+
+def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
+    from uadjax import evaluate as evaluate_lib  # noqa: PLC0415
+
+    ensure_shards(config, progress=progress)
+    return evaluate_lib.run_evaluation(config, workdir, progress=progress)
+
+
+def predict(workdir: str, input_path: str, output_dir: str, *, brain_mask: str | None = None,
+            overwrite: bool = False) -> int:
+    from uadjax import predict as predict_lib  # noqa: PLC0415
+
+    report = predict_lib.predict_paths(workdir, input_path, output_dir, brain_mask=brain_mask,
+                                       overwrite=overwrite)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def run_all(config, workdir: str, *, progress: bool = True) -> dict:
+    """The main job: phantom -> shards -> train -> evaluate -> report."""
+    start = time.perf_counter()
+    ensure_shards(config, progress=progress)
+    train(config, workdir, progress=progress)
+    results = evaluate(config, workdir, progress=progress)
+    print(f"total: {time.perf_counter() - start:.0f} s; report: "
+          f"{os.path.join(workdir, 'eval', 'report.md')}")
+    return results

@@ -1,0 +1,72 @@
+"""Command line: `python -m uadjax.main <mode> --config=configs/<method>.py:<variant> ...`.
+
+Modes:
+  phantom   generate the built-in phantom dataset (NIfTI + manifest), cached
+  prepare   NIfTI dataset folder -> preprocessed ArrayRecord slice shards, cached
+  train     train every stage of the configured method (resumes automatically)
+  evaluate  score the evaluation splits, select thresholds, compute metrics, write the report
+  predict   NIfTI scan(s) -> anomaly map and segmentation NIfTI in the input's space
+  run       phantom -> prepare -> train -> evaluate (the main job)
+
+Config overrides: `--config.train.num_steps=100`; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ("phantom", "prepare", "train", "evaluate", "predict", "run")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Method config: configs/<method>.py:<variant>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, report).")
+_STAGE = flags.DEFINE_list("stage", None, "train: only these stages (default: all).")
+_INPUT = flags.DEFINE_string("input", None, "predict: a NIfTI file or a folder of them.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: output folder.")
+_BRAIN_MASK = flags.DEFINE_string("brain_mask", None, "predict: optional brain mask NIfTI.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict/phantom: replace existing outputs.")
+
+
+def _require(flag, mode):
+    if flag.value is None:
+        raise app.UsageError(f"mode {mode!r} needs --{flag.name}")
+    return flag.value
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in MODES:
+        raise app.UsageError(f"usage: python -m uadjax.main <mode> [flags]; modes: {MODES}")
+    mode = argv[1]
+    from uadjax import parallel  # noqa: PLC0415 (after flags, before JAX allocates devices)
+
+    parallel.initialize_distributed()
+    from uadjax import jobs  # noqa: PLC0415
+
+    config = _require(_CONFIG, mode)
+    if mode == "phantom":
+        jobs.ensure_phantom(config, overwrite=_OVERWRITE.value)
+    elif mode == "prepare":
+        jobs.ensure_shards(config)
+    elif mode == "train":
+        jobs.train(config, _require(_WORKDIR, mode), stages=_STAGE.value)
+    elif mode == "evaluate":
+        jobs.evaluate(config, _require(_WORKDIR, mode))
+    elif mode == "predict":
+        code = jobs.predict(_require(_WORKDIR, mode), _require(_INPUT, mode),
+                            _require(_OUTPUT, mode), brain_mask=_BRAIN_MASK.value,
+                            overwrite=_OVERWRITE.value)
+        sys.exit(code)
+    elif mode == "run":
+        jobs.run_all(config, _require(_WORKDIR, mode))
+
+
+def run():
+    """Console-script entry point (`uadjax <mode> ...`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

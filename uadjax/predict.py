@@ -1,0 +1,211 @@
+"""Prediction: a trained run turns NIfTI scans into anomaly maps in the scans' own space.
+
+For each input scan `<name>.nii(.gz)` it writes, atomically,
+  <name>_anomaly.nii.gz       float32 anomaly map (post-processed score)
+  <name>_segmentation.nii.gz  uint8 binary map at the threshold calibrated during evaluation
+  <name>_overview.png         axial slices: input, anomaly map, segmentation outline
+with exactly the input's shape and affine. Inputs of any voxel size and orientation are
+brought to the training grid (reorient, resample, crop/pad, normalise) with the run's own
+preprocessing config, and the maps are carried back. Existing outputs are skipped, so a
+batch can be resumed; a failing file is reported and the others go on.
+
+Multi-modality models take a folder of `<subject>_<modality>.nii.gz` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from uadjax.data import nifti, preprocess
+from uadjax.data.schema import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+OUTPUT_TAGS = ("_anomaly", "_segmentation")
+
+
+@dataclasses.dataclass
+class PredictReport:
+    written: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)   # (path, problem)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        lines = [f"predict: {len(self.written)} written, {len(self.skipped)} skipped "
+                 f"(outputs exist), {len(self.failures)} failed"]
+        lines += [f"  FAILED {path}: {problem}" for path, problem in self.failures]
+        return "\n".join(lines)
+
+
+def stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_scans(input_path: str, modalities) -> dict[str, dict[str, Path]]:
+    """name -> {modality: path}. A file is one single-modality scan; a folder holds scans
+    (single modality) or `<subject>_<modality>` files (several modalities)."""
+    path = Path(input_path)
+    if not path.exists():
+        raise DataError(path, "input not found")
+    if path.is_file():
+        if len(modalities) != 1:
+            raise DataError(path, f"this model needs {len(modalities)} modalities "
+                                  f"{list(modalities)}: pass a folder of <subject>_<modality> files")
+        return {stem(path): {modalities[0]: path}}
+    files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES)
+                   and not any(stem(p).endswith(tag) for tag in OUTPUT_TAGS))
+    if len(modalities) == 1:
+        return {stem(p): {modalities[0]: p} for p in files}
+    scans: dict[str, dict[str, Path]] = {}
+    for p in files:
+        subject, _, modality = stem(p).rpartition("_")
+        if modality in modalities and subject:
+            scans.setdefault(subject, {})[modality] = p
+    return scans
+
+
+def load_run(workdir: str):
+    """(config, models, calibration) of a trained and evaluated run directory."""
+    from uadjax.evaluate import load_models  # noqa: PLC0415
+
+    config_path = Path(workdir) / "config.json"
+    calibration_path = Path(workdir) / "eval" / "calibration.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not a trained run directory")
+    if not calibration_path.is_file():
+        raise FileNotFoundError(f"{calibration_path}: run `evaluate` first; it calibrates "
+                                "the segmentation threshold on the lesion-validation set")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    calibration = json.loads(calibration_path.read_text())
+    return config, load_models(config, workdir), calibration
+
+
+def volume_batches(images: np.ndarray, brain_mask: np.ndarray, batch_size: int):
+    """Evaluation-style batches of one preprocessed volume ([D, H, W, M], [D, H, W])."""
+    depth = images.shape[0]
+    for start in range(0, depth, batch_size):
+        stop = min(start + batch_size, depth)
+        pad = batch_size - (stop - start)
+
+        def padded(a):
+            return np.concatenate([a[start:stop], np.zeros((pad, *a.shape[1:]), a.dtype)])
+
+        yield {
+            "image": padded(images.astype(np.float32)),
+            "brain_mask": padded(brain_mask.astype(np.uint8)),
+            "seg": padded(np.zeros(brain_mask.shape, np.uint8)),
+            "slice_index": np.array(list(range(start, stop)) + [-1] * pad, np.int32),
+            "subject_id": np.array([b"scan"] * batch_size),
+            "kind": np.array([b"unknown"] * batch_size),
+            "valid": np.arange(batch_size) < stop - start,
+        }
+
+
+def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, calibration,
+                 brain_mask: str | None = None) -> list[Path]:
+    """Scores one scan and writes its maps next to `out_prefix`; returns the paths."""
+    from uadjax.inference import postprocess  # noqa: PLC0415
+    from uadjax.inference.scoring import score_volumes  # noqa: PLC0415
+
+    subject_files = nifti.SubjectFiles(
+        subject_id=out_prefix.name, split="", kind="unknown", lesion_volume_ml=0.0,
+        images={m: files[m] for m in config.data.modalities}, seg=None,
+        brainmask=Path(brain_mask) if brain_mask else None)
+    volume = preprocess.preprocess_files(subject_files, config.data)
+    batches = volume_batches(volume.images, volume.brain_mask, config.eval.batch_size)
+    scored = score_volumes(scorer, batches, num_slices={"scan": volume.images.shape[0]})["scan"]
+    pp = calibration["postprocess"]
+    score = postprocess.postprocess_scores(scored.score, volume.brain_mask,
+                                           erode_iterations=pp["erode_iterations"],
+                                           median_size=pp["median_size"])
+    segmentation = postprocess.binarize(score, calibration["threshold"],
+                                        min_component_size=pp["min_component_size"])
+    anomaly_path = out_prefix.with_name(out_prefix.name + "_anomaly.nii.gz")
+    seg_path = out_prefix.with_name(out_prefix.name + "_segmentation.nii.gz")
+    png_path = out_prefix.with_name(out_prefix.name + "_overview.png")
+    preprocess.save_native_map(anomaly_path, score.astype(np.float32), volume.geometry, order=1)
+    preprocess.save_native_map(seg_path, segmentation.astype(np.uint8), volume.geometry, order=0)
+    save_overview(png_path, volume.images[..., 0], score, segmentation,
+                  threshold=calibration["threshold"])
+    return [anomaly_path, seg_path, png_path]
+
+
+def save_overview(path: Path, image, score, segmentation, *, threshold: float) -> None:
+    """Six axial slices through the brain: input with segmentation outline, anomaly map."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    depth = image.shape[0]
+    picks = np.linspace(depth * 0.2, depth * 0.8, 6).astype(int)
+    fig, axes = plt.subplots(2, len(picks), figsize=(2 * len(picks), 4.2), squeeze=False)
+    vmax = max(float(np.percentile(score, 99.9)), threshold, 1e-6)
+    for c, k in enumerate(picks):
+        axes[0, c].imshow(np.rot90(image[k]), cmap="gray", vmin=0, vmax=1)
+        if segmentation[k].any():
+            axes[0, c].contour(np.rot90(segmentation[k]), levels=[0.5], colors="r",
+                               linewidths=0.7)
+        axes[1, c].imshow(np.rot90(score[k]), cmap="inferno", vmin=0, vmax=vmax)
+        axes[0, c].set_title(f"z={k}", fontsize=7)
+        for r in range(2):
+            axes[r, c].axis("off")
+    fig.suptitle(f"input + segmentation (red) / anomaly map (threshold {threshold:.3g})",
+                 fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def predict_paths(workdir: str, input_path: str, output_dir: str, *,
+                  brain_mask: str | None = None, overwrite: bool = False,
+                  progress: bool = True) -> PredictReport:
+    """Runs `predict_scan` on one file or every scan of a folder."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from uadjax import parallel  # noqa: PLC0415
+    from uadjax.inference.scoring import make_batch_scorer  # noqa: PLC0415
+    from uadjax.methods import get_method  # noqa: PLC0415
+
+    config, models, calibration = load_run(workdir)
+    if "threshold" not in calibration:
+        raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
+                           "segmentation threshold was calibrated")
+    scans = find_scans(input_path, tuple(config.data.modalities))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = make_batch_scorer(get_method(config.method).score_fn, models, config,
+                               parallel.make_mesh(1), seed=config.eval.seed)
+    report = PredictReport()
+    for name, files in tqdm(sorted(scans.items()), disable=not progress, desc="predict"):
+        prefix = out / name
+        targets = [prefix.with_name(name + s) for s in ("_anomaly.nii.gz",
+                                                         "_segmentation.nii.gz")]
+        if not overwrite and all(t.exists() for t in targets):
+            report.skipped.append(name)
+            continue
+        missing = [m for m in config.data.modalities if m not in files]
+        if missing:
+            report.failures.append((str(Path(input_path) / name), f"missing modalities {missing}"))
+            continue
+        try:
+            report.written.extend(predict_scan(files, prefix, config=config, scorer=scorer,
+                                               calibration=calibration, brain_mask=brain_mask))
+        except (DataError, ValueError, OSError) as err:
+            report.failures.append((str(next(iter(files.values()))), str(err)))
+    return report

@@ -1,0 +1,94 @@
+"""report.md with the results table and figures (examples and precision-recall curves)."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve  # noqa: E402
+
+from uadjax.inference.scoring import ScoredVolume  # noqa: E402
+
+
+def lesion_slice(seg: np.ndarray) -> int:
+    """Axial index with the largest lesion area (the middle slice if there is none)."""
+    areas = seg.reshape(seg.shape[0], -1).sum(axis=1)
+    return int(np.argmax(areas)) if areas.max() > 0 else seg.shape[0] // 2
+
+
+def save_examples_figure(path: str, volumes: list[ScoredVolume], scores: dict[str, np.ndarray],
+                         threshold: float, *, title: str) -> None:
+    """One row per subject: input, reconstruction, anomaly map, prediction, ground truth."""
+    cols = ["input", "reconstruction", "anomaly map", f"map > {threshold:.3g}", "ground truth"]
+    fig, axes = plt.subplots(len(volumes), len(cols), figsize=(2.2 * len(cols),
+                                                                2.2 * len(volumes)),
+                             squeeze=False)
+    for r, vol in enumerate(volumes):
+        k = lesion_slice(vol.seg)
+        score = scores[vol.subject_id][k]
+        panels = [vol.image[k, ..., 0],
+                  None if vol.reconstruction is None else vol.reconstruction[k, ..., 0],
+                  score, score > threshold, vol.seg[k]]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.axis("off")
+            if panel is None:
+                continue
+            vmax = max(float(np.max(score)), 1e-6) if c == 2 else None
+            cmap = "inferno" if c == 2 else "gray"
+            ax.imshow(np.rot90(panel), cmap=cmap, vmin=0, vmax=vmax if c == 2 else
+                      (1 if c in (0, 1, 3, 4) else None), interpolation="nearest")
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+        axes[r, 0].text(0, -2, f"{vol.subject_id} z={k}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_pr_figure(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                   title: str) -> None:
+    """curves: label -> (pooled scores, pooled labels) subsampled to a tractable size."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for label, (scores, labels) in curves.items():
+        if labels.any():
+            prec, rec, _ = precision_recall_curve(labels, scores)
+            ax.plot(rec, prec, label=label)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pooled_sample(volumes: list[ScoredVolume], scores: dict[str, np.ndarray], *,
+                  max_voxels: int = 400_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled in-brain (score, label) pairs, uniformly subsampled to `max_voxels`."""
+    s = np.concatenate([scores[v.subject_id][v.brain_mask] for v in volumes])
+    y = np.concatenate([v.seg[v.brain_mask] for v in volumes])
+    if s.size > max_voxels:
+        keep = np.random.default_rng(seed).choice(s.size, max_voxels, replace=False)
+        s, y = s[keep], y[keep]
+    return s, y
+
+
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(path: str, *, title: str, table: str, sections: list[str]) -> None:
+    text = "\n\n".join([f"# {title}", table, *sections]) + "\n"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
