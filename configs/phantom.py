@@ -24,6 +24,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown phantom config variant {variant!r}; one of {VARIANTS}")
     config = phantom.default_config()
     if variant == "tiny":
-        config.splits.update(dict(train=2, val_healthy=1, val_lesion_per_kind=1,
-                                  test_lesion_per_kind=1, test_healthy=1))
+        config.splits.update({"train": 2, "val_healthy": 1, "val_lesion_per_kind": 1,
+                                  "test_lesion_per_kind": 1, "test_healthy": 1})
     return config

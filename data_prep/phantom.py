@@ -1,7 +1,7 @@
 """Generate the built-in phantom dataset.
 
   python -m data_prep.phantom --out DIR --seed 0 [--config configs/phantom.py:default]
-                              [--overwrite] [--workers N]
+                              [--overwrite] [--workers N] [--quiet]
 
 Writes DIR/manifest.json and one folder per subject (docs/CONTRACTS.md). The same seed and
 config give byte-identical files; a DIR that already holds them is left as is (cached).
@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="file.py:variant")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if cached")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default: 2 for large datasets, else 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

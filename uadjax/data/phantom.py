@@ -39,66 +39,92 @@ MANIFEST_VERSION = 1
 # Images are scaled so that nominal white matter reads about this much in every modality.
 WHITE_MATTER_LEVEL = 1000.0
 ANATOMY, LESION, ACQUISITION = 0, 1, 2
+# Default parallelism of generate_dataset (starting workers costs about a second each).
+AUTO_WORKERS = 2
+PARALLEL_MIN_SUBJECTS = 24
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Generator settings of the default phantom dataset (configs/phantom.py picks variants)."""
     config = ml_collections.ConfigDict()
     # Subjects per split; lesion splits hold this many subjects of every lesion kind.
-    config.splits = ml_collections.ConfigDict(dict(
-        train=48, val_healthy=8, val_lesion_per_kind=4, test_lesion_per_kind=10,
-        test_healthy=8))
+    config.splits = ml_collections.ConfigDict({
+        "train": 48, "val_healthy": 8, "val_lesion_per_kind": 4, "test_lesion_per_kind": 10,
+        "test_healthy": 8})
     config.kinds = schema.LESION_KINDS
     # 1.5 T protocol (ms). FLAIR ti = 0: null nominal CSF.
-    config.sequences = ml_collections.ConfigDict(dict(
-        t1=dict(kind="se", tr=500.0, te=15.0),
-        t2=dict(kind="se", tr=4000.0, te=100.0),
-        pd=dict(kind="se", tr=4000.0, te=15.0),
-        flair=dict(kind="ir", tr=9000.0, te=120.0, ti=0.0),
-    ))
-    config.anatomy = ml_collections.ConfigDict(dict(
-        deformation_ctrl=(6, 7, 6),  # control points per axis of the smooth displacement
-        displacement_std_vox=1.2,
-        rotation_deg=4.0,
-        scale_range=0.05,
-        translation_vox=1.5,
-        tissue_relative_std=0.05,  # log-normal jitter of T1, T2 per subject and tissue
-        tissue_pd_relative_std=0.03,
-        texture_ctrl=(10, 12, 10),  # within-tissue water-content variation
-        texture_std=0.6,  # in units of a 10% T1/T2 change
-        atrophy=dict(probability=0.35, ventricle_expansion=(0.15, 0.45),
-                     ventricle_scale_vox=9.0, csf_growth=(1.15, 1.7), csf_growth_sigma_vox=1.0),
-    ))
-    config.healthy = ml_collections.ConfigDict(dict(
-        rim_probability=0.85,
-        rim_flair_contrast=(0.1, 0.7),  # periventricular rims/caps, over WM
-        rim_thickness_vox=(0.8, 2.0),
-        cap_radius_vox=(1.5, 3.0),
-        spot_count=(0, 4),  # tiny unlabelled white-matter spots
-        spot_radius_vox=(0.4, 0.8),
-        spot_flair_contrast=(0.3, 1.0),
-        flow_probability=0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
-        flow_strength=(0.3, 1.6),  # x WM FLAIR signal
-        flow_ctrl=(14, 16, 14),
-        flow_threshold=1.0,
-        flow_ghost_amplitude=(0.0, 0.3),
-    ))
-    config.acquisition = ml_collections.ConfigDict(dict(
-        bias_amplitude=(0.02, 0.2),  # max |field - 1| inside the grid
-        bias_ctrl=(4, 5, 4),
-        noise_fraction=(0.01, 0.05),  # Rician sigma / WM signal
-        gain=(0.9, 1.1),
-    ))
-    config.lesions = ml_collections.ConfigDict(dict(
-        flair_contrast=(0.1, 1.0),  # target (S_lesion - S_wm) / S_wm on FLAIR
-        tumour=dict(radius_vox=(3.0, 11.0), core_ratio=(0.3, 0.8), core_type_p=(0.4, 0.4, 0.2),
-                    mass_effect=(0.1, 0.45), irregularity=0.2, oedema_edge=(0.3, 0.8),
-                    oedema_heterogeneity=0.3, solid_severity=(0.5, 1.0)),
-        ms=dict(count=(3, 12), periventricular_fraction=0.7, periventricular_max_vox=5.0,
-                long_radius_vox=(1.0, 3.5), short_radius_vox=(0.7, 1.8)),
-        stroke=dict(depth_fraction=(0.3, 0.7), half_angle_deg=(12.0, 28.0), irregularity=1.0,
-                    chronic_probability=0.5, rim_width_vox=(0.8, 1.8)),
-    ))
+    config.sequences = ml_collections.ConfigDict({
+        "t1": {"kind": "se", "tr": 500.0, "te": 15.0},
+        "t2": {"kind": "se", "tr": 4000.0, "te": 100.0},
+        "pd": {"kind": "se", "tr": 4000.0, "te": 15.0},
+        "flair": {"kind": "ir", "tr": 9000.0, "te": 120.0, "ti": 0.0},
+    })
+    config.anatomy = ml_collections.ConfigDict({
+        "deformation_ctrl": (6, 7, 6),  # control points per axis of the smooth displacement
+        "displacement_std_vox": 1.2,
+        "rotation_deg": 4.0,
+        "scale_range": 0.05,
+        "translation_vox": 1.5,
+        "tissue_relative_std": 0.05,  # log-normal jitter of T1, T2 per subject and tissue
+        "tissue_pd_relative_std": 0.03,
+        "texture_ctrl": (10, 12, 10),  # within-tissue water-content variation
+        "texture_std": 0.6,  # in units of a 10% T1/T2 change
+        # Some subjects are atrophic: enlarged ventricles and CSF growing into tissue.
+        "atrophy": {
+            "probability": 0.35,
+            "ventricle_expansion": (0.15, 0.45),  # strength of the radial push (< 1)
+            "ventricle_scale_vox": 9.0,
+            "csf_growth": (1.15, 1.7),  # factor on the blurred CSF map
+            "csf_growth_sigma_vox": 1.0,
+        },
+    })
+    config.healthy = ml_collections.ConfigDict({
+        "rim_probability": 0.85,
+        "rim_flair_contrast": (0.1, 0.7),  # periventricular rims/caps, over WM
+        "rim_thickness_vox": (0.8, 2.0),
+        "cap_radius_vox": (1.5, 3.0),
+        "spot_count": (0, 4),  # tiny unlabelled white-matter spots
+        "spot_radius_vox": (0.4, 0.8),
+        "spot_flair_contrast": (0.3, 1.0),
+        "flow_probability": 0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
+        "flow_strength": (0.3, 1.6),  # x WM FLAIR signal
+        "flow_ctrl": (14, 16, 14),
+        "flow_threshold": 1.0,
+        "flow_ghost_amplitude": (0.0, 0.3),
+    })
+    config.acquisition = ml_collections.ConfigDict({
+        "bias_amplitude": (0.02, 0.2),  # max |field - 1| inside the grid
+        "bias_ctrl": (4, 5, 4),
+        "noise_fraction": (0.01, 0.05),  # Rician sigma / WM signal
+        "gain": (0.9, 1.1),
+    })
+    config.lesions = ml_collections.ConfigDict({
+        "flair_contrast": (0.1, 1.0),  # target (S_lesion - S_wm) / S_wm on FLAIR
+        "tumour": {
+            "radius_vox": (4.0, 14.0),  # whole tumour incl. oedema, before roughening
+            "core_ratio": (0.3, 0.8),  # core radius / tumour radius
+            "core_type_p": (0.4, 0.4, 0.2),  # solid, necrotic, cystic
+            "mass_effect": (0.1, 0.45),
+            "irregularity": 0.2,  # smooth-noise roughening, x radius
+            "oedema_edge": (0.3, 0.8),  # oedema severity at its outer edge / at the core
+            "oedema_heterogeneity": 0.3,
+            "solid_severity": (0.5, 1.0),
+        },
+        "ms": {
+            "count": (4, 16),
+            "periventricular_fraction": 0.7,
+            "periventricular_max_vox": 5.0,
+            "long_radius_vox": (1.5, 5.0),
+            "short_radius_vox": (1.0, 2.5),
+        },
+        "stroke": {
+            "depth_fraction": (0.2, 0.55),  # wedge depth / distance cortex-ventricles
+            "half_angle_deg": (10.0, 22.0),
+            "irregularity": 2.5,  # voxels of smooth-noise roughening
+            "chronic_probability": 0.5,
+            "rim_width_vox": (0.8, 1.8),  # gliotic rim of chronic infarcts
+        },
+    })
     return config
 
 
@@ -303,7 +329,7 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = False,
     template: Template | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict:
     """Generates the phantom dataset folder (docs/CONTRACTS.md), atomically, with caching.
 
@@ -318,8 +344,9 @@ def generate_dataset(
       progress: show a tqdm bar.
       overwrite: regenerate even if cached, replacing an existing folder.
       template: defaults to the vendored template.
-      workers: worker processes (subjects are seeded independently, so the files do not
-        depend on it).
+      workers: worker processes; None: up to `AUTO_WORKERS` (bounded by the CPU count) for
+        datasets of at least `PARALLEL_MIN_SUBJECTS` subjects, else 1. Subjects are seeded
+        independently, so the files do not depend on it.
 
     Returns:
       The manifest dict (also in out_dir/manifest.json).
@@ -339,6 +366,9 @@ def generate_dataset(
             f"{out_dir}: exists with a different phantom config/seed or other content; "
             "pass overwrite=True (--overwrite) to replace it")
     template = template if template is not None else load_template()
+    if workers is None:
+        parallel = len(plan_subjects(config)) >= PARALLEL_MIN_SUBJECTS
+        workers = min(AUTO_WORKERS, os.cpu_count() or 1) if parallel else 1
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"

@@ -8,7 +8,7 @@ times faster than scipy.ndimage.zoom(order=3) for the same smoothness). Every vo
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -44,9 +44,8 @@ def upsample_control_grid(control: np.ndarray, shape: Sequence[int]) -> np.ndarr
     """
     mx, my, mz = (bspline_matrix(n, c) for n, c in zip(shape, control.shape))
     field = np.tensordot(mx, control.astype(np.float32), axes=(1, 0))  # [D, c1, c2]
-    field = np.tensordot(field, my, axes=(1, 1))  # [D, c2, H]
-    field = np.tensordot(field, mz, axes=(1, 1))  # [D, H, W]
-    return np.ascontiguousarray(field, dtype=np.float32)
+    field = np.matmul(my, field)  # [H, c1] @ [D, c1, c2] -> [D, H, c2]
+    return np.matmul(field, mz.T)  # [D, H, c2] @ [c2, W] -> [D, H, W], contiguous
 
 
 def smooth_field(

@@ -12,7 +12,7 @@ The label is seg = (L >= 0.5): exactly the voxels where lesion tissue was insert
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -297,7 +297,7 @@ def make_stroke(
         perp * np.cos(half_angle) - along * np.sin(half_angle),
         along_min - along,
         along - along_max,
-    ]) + config.irregularity * geometry.smooth_field(rng, rel.shape[1:], (6, 6, 6))
+    ]) + config.irregularity * geometry.smooth_field(rng, rel.shape[1:], (10, 10, 10))
     wedge = geometry.soft_fraction(sd)
     parenchyma = maps["gm"][slices] + maps["wm"][slices]
     local_fraction = wedge * parenchyma

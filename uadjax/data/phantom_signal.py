@@ -12,7 +12,8 @@ Times are in ms, PD is relative to pure water (CSF = 1).
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
