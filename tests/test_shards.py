@@ -52,6 +52,21 @@ def test_records_equal_preprocessed_volume(prepared):
         assert record["subject_id"] == b"sub-0005" and record["kind"] == b"tumour"
 
 
+def test_fast_source_equals_tfds_data_source(prepared):
+    _, data_dir, config, _ = prepared
+    for split in (TRAIN, "test_lesion"):
+        fast = builder.load_split(data_dir, config, split)
+        reference = builder.load_tfds_source(data_dir, config, split)
+        assert len(fast) == len(reference)
+        for i in range(len(fast)):
+            a, b = fast[i], reference[i]
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+            assert a["image"].dtype == b["image"].dtype == np.float32
+            assert a["slice_index"].dtype == np.int32
+
+
 def test_eval_splits_reassemble_into_volumes(prepared):
     dataset_dir, data_dir, config, _ = prepared
     index = builder.load_volumes_index(data_dir, config)
@@ -109,6 +124,14 @@ def test_reprepare_replaces_previous_version(prepared, tmp_path):
     assert first.output_dir == second.output_dir
     assert len(builder.load_split(other, config, "test_lesion")) == 16
     assert sorted(p.name for p in other.iterdir()) == ["uadjax_slices"]
+
+
+def test_load_split_rejects_other_settings_under_the_same_name(prepared):
+    _, data_dir, config, _ = prepared
+    other = preprocess.PreprocessConfig.from_config({**config.to_dict(), "percentiles": [2, 98]})
+    assert other.builder_config_name == config.builder_config_name
+    with pytest.raises(ValueError, match="percentiles"):
+        builder.load_split(data_dir, other, TRAIN)
 
 
 def test_load_split_unprepared_config(prepared):

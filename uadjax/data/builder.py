@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 from tqdm import tqdm
 
 from uadjax.data import nifti
@@ -273,13 +275,91 @@ def load_volumes_index(data_dir, config) -> dict:
     return json.loads(path.read_text())
 
 
+def check_prepared_config(index: dict, config) -> None:
+    """Raises ValueError when `config` differs from the settings the shards were built with.
+
+    `affine_atol` (an input check, not a property of the data) is not compared.
+    """
+    wanted = PreprocessConfig.from_config(config).to_dict()
+    stored = dict(index.get("preprocess", {}))
+    diff = sorted(k for k in wanted if k != "affine_atol" and stored.get(k) != wanted[k])
+    if diff:
+        detail = ", ".join(f"{k}: prepared {stored.get(k)!r} != requested {wanted[k]!r}"
+                           for k in diff)
+        raise ValueError(f"{index.get('config_name')}: shards were prepared with other "
+                         f"settings ({detail}); prepare again or set config.name")
+
+
 def volume_records(index: dict, split: str) -> list:
     """[(subject_id, offset, num_records)] of one split, in record order."""
     return [(e["id"], e["offset"], e["num_records"]) for e in index["subjects"]
             if e["split"] == split]
 
 
-def load_split(data_dir, config, split: str):
+def decode_record(serialized: bytes, image_shape) -> dict:
+    """Decodes one serialized slice record (the TFDS tf.Example) with numpy only.
+
+    Equivalent to TFDS's own numpy decoder for this feature spec, about 20x faster
+    (no per-feature Python machinery).
+
+    Args:
+      serialized: bytes of one record.
+      image_shape: (H, W, M).
+
+    Returns:
+      image [H, W, M] float32, brain_mask [H, W] uint8, seg [H, W] uint8,
+      subject_id bytes, slice_index int32, kind bytes.
+    """
+    h, w, _ = image_shape
+    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    return {
+        "image": np.frombuffer(feature["image"].bytes_list.value[0], np.float32)
+        .reshape(image_shape),
+        "brain_mask": np.frombuffer(feature["brain_mask"].bytes_list.value[0], np.uint8)
+        .reshape(h, w),
+        "seg": np.frombuffer(feature["seg"].bytes_list.value[0], np.uint8).reshape(h, w),
+        "subject_id": feature["subject_id"].bytes_list.value[0],
+        "slice_index": np.int32(feature["slice_index"].int64_list.value[0]),
+        "kind": feature["kind"].bytes_list.value[0],
+    }
+
+
+class SliceSource:
+    """Random-access slice records of one split (a grain `RandomAccessDataSource`).
+
+    Reads the split's ArrayRecord shards with `grain.sources.ArrayRecordDataSource` (in
+    shard order, so record i is the i-th record TFDS wrote) and decodes with
+    `decode_record`. Returned arrays are read-only views: copy before writing in place.
+    """
+
+    def __init__(self, paths, image_shape):
+        self._paths = [str(p) for p in paths]
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        self.image_shape = tuple(image_shape)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index) -> dict:
+        return decode_record(self._source[index], self.image_shape)
+
+    def __repr__(self) -> str:
+        return f"SliceSource({len(self)} records, image {self.image_shape}, {self._paths})"
+
+
+def _split_builder(data_dir, config, split: str):
+    path = builder_dir(data_dir, config)
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{path}: not prepared; run python -m data_prep.prepare")
+    check_prepared_config(load_volumes_index(data_dir, config), config)
+    builder = UadjaxSlices(data_dir=str(data_dir), preprocess_config=config)
+    available = list(builder.info.splits.keys())
+    if split not in available:
+        raise KeyError(f"split {split!r} not in {path} (available: {available})")
+    return builder
+
+
+def load_split(data_dir, config, split: str) -> SliceSource:
     """Random-access source of one split's slice records (feeds `grain.MapDataset.source`).
 
     Args:
@@ -288,17 +368,24 @@ def load_split(data_dir, config, split: str):
       split: one of `schema.SPLITS`.
 
     Returns:
-      A TFDS `ArrayRecordDataSource`: `len(src)`, `src[i]` -> dict of numpy values
-      (`subject_id` and `kind` as bytes).
+      A `SliceSource`: `len(src)`, `src[i]` -> dict of numpy values (`subject_id` and
+      `kind` as bytes). Same records as `load_tfds_source`, decoded faster.
 
     Raises:
       FileNotFoundError: not prepared. KeyError: the split was not written (no subject).
+      ValueError: the shards were prepared with other preprocessing settings under the same
+        name (compare `volumes.json: preprocess`).
     """
-    path = builder_dir(data_dir, config)
-    if not (path / "dataset_info.json").is_file():
-        raise FileNotFoundError(f"{path}: not prepared; run python -m data_prep.prepare")
-    builder = UadjaxSlices(data_dir=str(data_dir), preprocess_config=config)
-    available = list(builder.info.splits.keys())
-    if split not in available:
-        raise KeyError(f"split {split!r} not in {path} (available: {available})")
-    return builder.as_data_source(split=split)
+    builder = _split_builder(data_dir, config, split)
+    info = builder.info.splits[split]
+    paths = [Path(builder.data_dir) / name for name in info.filenames]
+    pp = PreprocessConfig.from_config(config)
+    return SliceSource(paths, (*pp.image_size, len(pp.modalities)))
+
+
+def load_tfds_source(data_dir, config, split: str):
+    """The same split through TFDS: `builder.as_data_source(split)` (slower decoding).
+
+    Raises: as `load_split`.
+    """
+    return _split_builder(data_dir, config, split).as_data_source(split=split)
