@@ -84,9 +84,21 @@ def test_restore_gives_the_uninterrupted_next_batches(records):
     _assert_same(_take(restored, 4), expected)
 
 
-def test_grain_checkpoint_handlers_exist():
-    assert callable(grain.checkpoint.CheckpointSave)
-    assert callable(grain.checkpoint.CheckpointRestore)
+def test_orbax_save_restore_with_grain_checkpoint_handlers(records, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    aug = AugmentConfig()
+    it = pipeline.make_train_iterator(records, batch_size=4, seed=2, augment_config=aug)
+    _take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+        expected = _take(it, 2)
+        restored = pipeline.make_train_iterator(records, batch_size=4, seed=2,
+                                                augment_config=aug)
+        manager.restore(3, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_same(_take(restored, 2), expected)
 
 
 def test_process_shards_are_disjoint_and_cover_the_data(records):

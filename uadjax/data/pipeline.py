@@ -12,9 +12,10 @@ The string keys (`subject_id`, `kind`) are dropped from training batches. Evalua
 batches (`make_eval_batches`) keep every record key, with `subject_id` and `kind` as
 fixed-width bytes arrays (`[B] |S64`), plus `valid [B] bool` (False on padding rows).
 
-Augmentation runs on whole batches (vectorised numpy, `MapDataset.random_map` after
-`batch`), so it is seeded per batch index: a restored iterator replays the same batches.
-Every augmentation changes intensities inside the brain mask only:
+Augmentation runs on whole batches (`MapDataset.random_map` after `batch`: all random
+numbers drawn at once, then in-place masked numpy ops on the selected slices only), so it
+is seeded per batch index: a restored iterator replays the same batches. Every
+augmentation changes intensities inside the brain mask only:
   * gamma: (x - lo) / (hi - lo) -> ^g -> back, with lo/hi the slice's brain min/max per
     channel and log g ~ U(log gamma_range);
   * bias field: x * exp(sum_k c_k P_k(u, v)), polynomials of degree <= bias_order on
