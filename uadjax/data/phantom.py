@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
         "deformation_ctrl": (6, 7, 6),  # control points per axis of the smooth displacement
         "displacement_std_vox": 1.2,
         "rotation_deg": 4.0,
-        "scale_range": 0.05,
+        "scale_range": 0.04,
         "translation_vox": 1.5,
         "tissue_relative_std": 0.05,  # log-normal jitter of T1, T2 per subject and tissue
         "tissue_pd_relative_std": 0.03,
@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
         "flow_probability": 0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
         "flow_strength": (0.3, 1.6),  # x WM FLAIR signal
         "flow_ctrl": (14, 16, 14),
-        "flow_threshold": 1.0,
+        "flow_threshold": 0.7,
         "flow_ghost_amplitude": (0.0, 0.3),
     })
     config.acquisition = ml_collections.ConfigDict({
