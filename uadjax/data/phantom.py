@@ -80,10 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
     })
     config.healthy = ml_collections.ConfigDict({
         "rim_probability": 0.85,
-        "rim_flair_contrast": (0.1, 0.7),  # periventricular rims/caps, over WM
+        "rim_flair_contrast": (0.15, 0.9),  # periventricular rims/caps, over WM
         "rim_thickness_vox": (0.8, 2.0),
         "cap_radius_vox": (1.5, 3.0),
-        "spot_count": (0, 4),  # tiny unlabelled white-matter spots
+        "spot_count": (0, 6),  # tiny unlabelled white-matter spots
         "spot_radius_vox": (0.4, 0.8),
         "spot_flair_contrast": (0.3, 1.0),
         "flow_probability": 0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
