@@ -2,7 +2,8 @@
 
 A checkpoint step folder holds three items:
   state      the train state pytree (params, EMA params, optimiser state, step, ...)
-  data_iter  the grain iterator state, so a resumed run sees exactly the batches it would have
+  data_iter  the grain iterator state (JSON), so a resumed run sees exactly the batches it
+             would have seen
   config     the run's config as JSON (for evaluation and prediction from a run directory)
 orbax writes each step to a temporary folder and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -38,7 +38,7 @@ class Checkpointer:
         """Saves `state` (and the iterator state and config) at `step`."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data_iter"] = ocp.args.JsonSave(_iterator_state(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_to_dict(config))
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -58,8 +58,10 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data_iter"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iter is not None:
+            _set_iterator_state(data_iter, restored["data_iter"])
         return restored["state"]
 
     def restore_config(self, step: int | None = None) -> dict:
@@ -83,6 +85,21 @@ def abstract_like(state, sharding_tree=None):
             state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, sharding_tree)
+
+
+def _iterator_state(data_iter) -> dict:
+    """JSON form of an iterator's position (grain `get_state()`: a dict, or bytes)."""
+    state = data_iter.get_state()
+    if isinstance(state, bytes):
+        return {"bytes": state.decode()}
+    return {"state": state}
+
+
+def _set_iterator_state(data_iter, saved: dict) -> None:
+    if "bytes" in saved:
+        data_iter.set_state(saved["bytes"].encode())
+    else:
+        data_iter.set_state(saved["state"])
 
 
 def _config_to_dict(config) -> dict:

@@ -1,0 +1,164 @@
+"""Evaluation on known synthetic score maps, reassembly, sweeps, and the tiny run's report."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score
+
+from uadjax import evaluate
+from uadjax.data import schema
+from uadjax.inference import postprocess
+from uadjax.inference.scoring import ScoredVolume, score_volumes
+from uadjax.inference.sweep import sweep, weighted_mean
+
+
+def _eval_cfg(**kw):
+    cfg = ml_collections.ConfigDict(dict(
+        erode_iterations=0, median_size=0, min_component_size=0, threshold_steps=10,
+        fprs=(0.01, 0.1)))
+    cfg.update(kw)
+    return cfg
+
+
+def _volume(sid, kind, seg, score, rng):
+    shape = seg.shape
+    return ScoredVolume(subject_id=sid, kind=kind, score=score.astype(np.float32),
+                        image=rng.random((*shape, 1)).astype(np.float32),
+                        brain_mask=np.ones(shape, bool), seg=seg.astype(bool))
+
+
+def _lesion(shape, rng):
+    seg = np.zeros(shape, bool)
+    c = rng.integers(3, np.array(shape) - 3)
+    seg[c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 3, c[2] - 3:c[2] + 2] = True
+    return seg
+
+
+def _splits(score_of, rng, shape=(8, 16, 16)):
+    splits = {schema.VAL_LESION: {}, schema.TEST_LESION: {}, schema.VAL_HEALTHY: {},
+              schema.TEST_HEALTHY: {}}
+    for split, n in ((schema.VAL_LESION, 3), (schema.TEST_LESION, 4)):
+        for i in range(n):
+            seg = _lesion(shape, rng)
+            sid = f"{split}-{i}"
+            splits[split][sid] = _volume(sid, "tumour", seg, score_of(seg), rng)
+    for split in (schema.VAL_HEALTHY, schema.TEST_HEALTHY):
+        for i in range(2):
+            seg = np.zeros(shape, bool)
+            sid = f"{split}-{i}"
+            splits[split][sid] = _volume(sid, schema.HEALTHY, seg, score_of(seg), rng)
+    return splits
+
+
+def test_perfect_score_map_gives_perfect_metrics():
+    rng = np.random.default_rng(0)
+    splits = _splits(lambda seg: seg.astype(np.float32) * 0.8 + 0.1, rng)
+    results, rows = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(1, 1, 1))
+    entry = results["kinds"]["tumour"]
+    for source in ("val", "oracle"):
+        pv = entry[source]["per_volume"]
+        assert pv["dice"]["mean"] == pytest.approx(1.0)
+        assert pv["ap"]["mean"] == pytest.approx(1.0)
+        assert pv["auroc"]["mean"] == pytest.approx(1.0)
+        assert pv["assd"]["mean"] == pytest.approx(0.0)
+    assert entry["healthy_fp_volume_ml"]["mean"] == 0.0
+    assert len([r for r in rows if r["threshold_source"] == "val"]) == 4
+
+
+def test_noisy_score_map_matches_sklearn():
+    rng = np.random.default_rng(1)
+    splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
+    results, rows = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(2, 1, 1))
+    entry = results["kinds"]["tumour"]
+    threshold = entry["val"]["threshold"]
+    test = splits[schema.TEST_LESION]
+    dices = [f1_score(v.seg.ravel(), (v.score > threshold).ravel()) for v in test.values()]
+    aps = [average_precision_score(v.seg.ravel(), v.score.ravel()) for v in test.values()]
+    assert entry["val"]["per_volume"]["dice"]["mean"] == pytest.approx(np.mean(dices), abs=1e-6)
+    assert entry["val"]["per_volume"]["ap"]["mean"] == pytest.approx(np.mean(aps), abs=1e-6)
+    pooled_scores = np.concatenate([v.score.ravel() for v in test.values()])
+    pooled_labels = np.concatenate([v.seg.ravel() for v in test.values()])
+    assert entry["oracle"]["pooled"]["ap"] == pytest.approx(
+        average_precision_score(pooled_labels, pooled_scores), abs=1e-6)
+    # The oracle threshold is the best pooled Dice on the test set: no fair threshold beats it.
+    assert entry["oracle"]["pooled"]["dice"] >= entry["val"]["pooled"]["dice"] - 1e-9
+    # Label-free thresholds: the healthy validation false-positive rate is respected.
+    healthy = np.concatenate([v.score.ravel() for v in splits[schema.VAL_HEALTHY].values()])
+    for rate in (0.01, 0.1):
+        assert np.mean(healthy > results["fpr_thresholds"][f"fpr@{rate:g}"]) <= rate
+
+
+def test_postprocessing_switches_are_applied():
+    rng = np.random.default_rng(2)
+    splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
+    cfg = _eval_cfg(erode_iterations=1, median_size=3)
+    vol = next(iter(splits[schema.TEST_LESION].values()))
+    processed = evaluate.postprocess_volumes({"a": vol}, cfg)["a"]
+    expected = postprocess.postprocess_scores(vol.score, vol.brain_mask, erode_iterations=1,
+                                              median_size=3)
+    np.testing.assert_array_equal(processed, expected)
+
+
+def test_score_volumes_reassembles_like_a_loop():
+    rng = np.random.default_rng(3)
+    depth = {"a": 5, "b": 3}
+    records = [(sid, k) for sid in ("a", "b") for k in range(depth[sid])]
+    images = {r: rng.random((4, 4, 1)).astype(np.float32) for r in records}
+    batch_size = 3
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        batches.append({
+            "image": np.stack([images[r] for r in chunk] + [np.zeros((4, 4, 1))] * pad),
+            "brain_mask": np.ones((batch_size, 4, 4), np.uint8),
+            "seg": np.zeros((batch_size, 4, 4), np.uint8),
+            "subject_id": np.array([r[0].encode() for r in chunk] + [b""] * pad),
+            "kind": np.array([b"healthy"] * batch_size),
+            "slice_index": np.array([r[1] for r in chunk] + [-1] * pad, np.int32),
+            "valid": np.arange(batch_size) < len(chunk),
+        })
+
+    def scorer(batch, i):
+        return {"score": batch["image"][..., 0] * 2.0}
+
+    volumes = score_volumes(scorer, batches, num_slices=depth)
+    for sid in depth:
+        expected = np.stack([images[(sid, k)][..., 0] * 2.0 for k in range(depth[sid])])
+        np.testing.assert_array_equal(volumes[sid].score, expected)
+    with pytest.raises(RuntimeError, match="missing"):
+        score_volumes(scorer, batches[:1], num_slices=depth)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_sweep_matches_a_loop(chunk):
+    xs = jnp.arange(5.0)
+    keys = jax.random.split(jax.random.key(0), 5)
+
+    def fn(variant):
+        x, key = variant
+        return {"y": x * jax.random.normal(key, (3,))}
+
+    out = sweep(fn, (xs, keys), chunk_size=chunk)
+    loop = [fn((xs[i], keys[i]))["y"] for i in range(5)]
+    np.testing.assert_allclose(out["y"], np.stack(loop), rtol=1e-6)
+    np.testing.assert_allclose(weighted_mean(out)["y"], np.mean(loop, axis=0), rtol=1e-6)
+    w = jnp.array([1.0, 0, 0, 0, 3.0])
+    np.testing.assert_allclose(weighted_mean(out, w)["y"], (loop[0] + 3 * loop[4]) / 4,
+                               rtol=1e-6)
+
+
+def test_tiny_run_report(tiny_run):
+    eval_dir = os.path.join(tiny_run.workdir, "eval")
+    results = json.load(open(os.path.join(eval_dir, "results.json")))
+    assert set(results["results"]) == {"ddpm", "threshold"}
+    assert results["timing"]["slices_scored"] > 0
+    report = open(os.path.join(eval_dir, "report.md")).read()
+    assert "| ddpm |" in report and "| threshold |" in report
+    calibration = json.load(open(os.path.join(eval_dir, "calibration.json")))
+    assert calibration["threshold"] >= 0
