@@ -33,8 +33,9 @@ def unet_config(size: str, channels: int) -> ml_collections.ConfigDict:
     m.use_timestep = True
     m.cond_dim = 0
     if size == "cpu":
-        m.base_channels = 32
-        m.channel_mult = (1, 2, 2)
+        # About 0.65 s per step of 16 slices at 64x64 on 2 CPU cores (0.74 M parameters).
+        m.base_channels = 16
+        m.channel_mult = (1, 2, 4, 4)
         m.num_res_blocks = 1
         m.num_head_channels = 32
     elif size == "tiny":
@@ -93,9 +94,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if unknown:
         raise ValueError(f"unknown ddpm config modifiers {sorted(unknown)}")
     if size == "cpu":
-        config.train.num_steps = 1500
-        config.train.learning_rate = 3e-4
-        config.train.warmup_steps = 100
+        # Sized for the main job (about 11 minutes of training on 2 cores). With so few steps
+        # the network learns coarse anatomy only, so training is concentrated on the noise
+        # levels where the score is read, and the score is read at a high t (749), where a
+        # coarse reconstruction removes more of the lesion (probed: t = 249 / 499 / 749 gave
+        # tumour Dice 0.11 / 0.14 / 0.18 after 500 steps).
+        config.train.num_steps = 1000
+        config.train.learning_rate = 1e-3
+        config.train.warmup_steps = 50
         config.train.lr_schedule = "cosine"
-        config.train.ema_decay = 0.995
+        config.train.ema_decay = 0.99
+        config.train.val_every_steps = 0
+        d.train_t_range = (200, 900)
+        d.test_timesteps = (749,)
     return config

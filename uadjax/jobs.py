@@ -7,6 +7,7 @@ stages) is found and reused, so rerunning a killed job resumes it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,13 @@ def ensure_phantom(config, *, overwrite: bool = False, progress: bool = True) ->
 
     out = phantom_dir(config)
     start = time.perf_counter()
+    # The folder is our own cache: a phantom made by another generator version is replaced.
+    cached = out / "manifest.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("dataset") == "phantom":
+        phantom_config = phantom_configs.get_config(config.data.phantom_variant)
+        existing = json.loads(cached.read_text())
+        overwrite = overwrite or existing.get("config") != json.loads(
+            json.dumps(phantom_config.to_dict()))
     phantom.generate_dataset(out, phantom_configs.get_config(config.data.phantom_variant),
                              seed=config.data.phantom_seed, progress=progress,
                              overwrite=overwrite)
@@ -54,7 +62,9 @@ def ensure_shards(config, *, progress: bool = True) -> dict:
         ensure_phantom(config, progress=progress)
     try:
         index = builder.load_volumes_index(config.data.data_dir, config.data)
-        if index.get("dataset_dir") == str(source):
+        prepared = builder.builder_dir(config.data.data_dir, config.data) / "volumes.json"
+        fresh = prepared.stat().st_mtime >= (source / "manifest.json").stat().st_mtime
+        if index.get("dataset_dir") == str(source) and fresh:
             return index
     except FileNotFoundError:
         pass

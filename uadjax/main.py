@@ -13,9 +13,11 @@ Config overrides: `--config.train.num_steps=100`; unknown keys are errors.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 MODES = ("phantom", "prepare", "train", "evaluate", "predict", "run")
@@ -36,7 +38,21 @@ def _require(flag, mode):
     return flag.value
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops routine INFO chatter (orbax saves) and TFDS's per-open config warning."""
+
+    def filter(self, record):
+        return "Using custom data configuration" not in record.getMessage()
+
+
+def _configure_logging():
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(_QuietLibraries())
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def main(argv):
+    _configure_logging()
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: python -m uadjax.main <mode> [flags]; modes: {MODES}")
     mode = argv[1]
