@@ -104,7 +104,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.warmup_steps = 50
         config.train.lr_schedule = "cosine"
         config.train.ema_decay = 0.99
-        config.train.val_every_steps = 0
         d.train_t_range = (200, 900)
         d.test_timesteps = (749,)
     return config
