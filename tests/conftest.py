@@ -6,7 +6,7 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -15,8 +15,8 @@ def tiny_run(tmp_path_factory):
 
     Returns the ConfigDict of the run (paths inside a session temporary folder).
     """
-    from configs import ddpm  # noqa: PLC0415
-    from uadjax import jobs  # noqa: PLC0415
+    from configs import ddpm
+    from uadjax import jobs
 
     root = tmp_path_factory.mktemp("tiny_run")
     config = ddpm.get_config("tiny")

@@ -18,9 +18,9 @@ from uadjax.inference.sweep import sweep, weighted_mean
 
 
 def _eval_cfg(**kw):
-    cfg = ml_collections.ConfigDict(dict(
-        erode_iterations=0, median_size=0, min_component_size=0, threshold_steps=10,
-        fprs=(0.01, 0.1)))
+    cfg = ml_collections.ConfigDict({
+        "erode_iterations": 0, "median_size": 0, "min_component_size": 0, "threshold_steps": 10,
+        "fprs": (0.01, 0.1)})
     cfg.update(kw)
     return cfg
 
@@ -73,7 +73,7 @@ def test_perfect_score_map_gives_perfect_metrics():
 def test_noisy_score_map_matches_sklearn():
     rng = np.random.default_rng(1)
     splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
-    results, rows = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(2, 1, 1))
+    results, _ = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(2, 1, 1))
     entry = results["kinds"]["tumour"]
     threshold = entry["val"]["threshold"]
     test = splits[schema.TEST_LESION]
@@ -155,10 +155,13 @@ def test_sweep_matches_a_loop(chunk):
 
 def test_tiny_run_report(tiny_run):
     eval_dir = os.path.join(tiny_run.workdir, "eval")
-    results = json.load(open(os.path.join(eval_dir, "results.json")))
+    with open(os.path.join(eval_dir, "results.json")) as f:
+        results = json.load(f)
     assert set(results["results"]) == {"ddpm", "threshold"}
     assert results["timing"]["slices_scored"] > 0
-    report = open(os.path.join(eval_dir, "report.md")).read()
+    with open(os.path.join(eval_dir, "report.md")) as f:
+        report = f.read()
     assert "| ddpm |" in report and "| threshold |" in report
-    calibration = json.load(open(os.path.join(eval_dir, "calibration.json")))
+    with open(os.path.join(eval_dir, "calibration.json")) as f:
+        calibration = json.load(f)
     assert calibration["threshold"] >= 0

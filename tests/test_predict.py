@@ -12,7 +12,7 @@ from uadjax import jobs, predict
 
 def _phantom_t2(tiny_run):
     root = jobs.dataset_dir(tiny_run)
-    sid = sorted(p.name for p in root.iterdir() if p.is_dir())[0]
+    sid = min(p.name for p in root.iterdir() if p.is_dir())
     return nib.load(str(root / sid / f"{sid}_t2.nii.gz"))
 
 

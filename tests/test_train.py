@@ -11,7 +11,6 @@ import pytest
 from configs import ddpm
 from uadjax import checkpointing, jobs, parallel, train
 from uadjax.methods import get_method
-from uadjax.methods.base import Stage
 
 
 def _tiny_config(tiny_run, **train_overrides):

@@ -56,20 +56,27 @@ def _pooled(sids, scores, volumes, threshold, ecfg):
                                   [volumes[s].seg for s in sids])
 
 
+def postprocess_splits(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg):
+    """subject -> post-processed score [D, H, W], over every split."""
+    scores = {}
+    for vols in split_volumes.values():
+        scores.update(postprocess_volumes(vols, ecfg))
+    return scores
+
+
 def evaluate_scores(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg, *,
-                    spacing) -> tuple[dict, list[dict]]:
+                    spacing, scores: dict | None = None) -> tuple[dict, list[dict]]:
     """Thresholds and metrics for one method's score volumes.
 
     Args:
       split_volumes: split name -> subject -> ScoredVolume (raw scores).
       ecfg: `config.eval`.
       spacing: voxel size in mm of the evaluation grid (D, H, W order).
+      scores: post-processed scores (`postprocess_splits`), computed here if None.
     Returns:
       (results dict, per-subject rows for the CSV).
     """
-    scores = {}
-    for vols in split_volumes.values():
-        scores.update(postprocess_volumes(vols, ecfg))
+    scores = postprocess_splits(split_volumes, ecfg) if scores is None else scores
     volumes = {sid: v for vols in split_volumes.values() for sid, v in vols.items()}
     val = split_volumes.get(schema.VAL_LESION, {})
     test = split_volumes.get(schema.TEST_LESION, {})
@@ -135,14 +142,11 @@ def _healthy_fp(test_healthy, scores, threshold, ecfg, spacing) -> dict:
 # ------------------------------------------------------------------------------------------
 # Output files.
 
-TABLE_METRICS = ("dice", "ap", "auroc", "precision", "recall", "assd")
-
-
 def results_table(all_results: dict[str, dict]) -> str:
     """Markdown table: one row per (method, lesion kind), val-selected threshold + oracle."""
     lines = [
-        "| method | lesion | n | Dice (val thr) | AUPRC | AUROC | precision | recall | "
-        "ASSD (mm) | Dice (oracle thr) | healthy FP (ml) |",
+        ("| method | lesion | n | Dice (val thr) | AUPRC | AUROC | precision | recall | "
+         "ASSD (mm) | Dice (oracle thr) | healthy FP (ml) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, res in all_results.items():
@@ -208,8 +212,8 @@ EVAL_SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema
 
 def load_models(config, workdir: str) -> dict:
     """stage name -> trained (EMA) networks of every stage of `config.method`."""
-    from uadjax.methods import get_method  # noqa: PLC0415
-    from uadjax.train import load_stage_models  # noqa: PLC0415
+    from uadjax.methods import get_method
+    from uadjax.train import load_stage_models
 
     method = get_method(config.method)
     return {s.name: load_stage_models(config, workdir, s) for s in method.stages}
@@ -217,9 +221,9 @@ def load_models(config, workdir: str) -> dict:
 
 def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL_SPLITS):
     """split -> subject -> ScoredVolume, for every prepared evaluation split."""
-    from uadjax import parallel  # noqa: PLC0415
-    from uadjax.data import builder, pipeline  # noqa: PLC0415
-    from uadjax.inference.scoring import make_batch_scorer, score_volumes  # noqa: PLC0415
+    from uadjax import parallel
+    from uadjax.data import builder, pipeline
+    from uadjax.inference.scoring import make_batch_scorer, score_volumes
 
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     num_slices = {e["id"]: e["num_slices"] for e in index["subjects"]}
@@ -239,7 +243,7 @@ def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL
 
 def baseline_volumes(split_volumes):
     """The intensity-threshold baseline's score volumes from the same inputs."""
-    import dataclasses  # noqa: PLC0415
+    import dataclasses
 
     return {split: {sid: dataclasses.replace(v, score=np.mean(v.image, axis=-1),
                                              reconstruction=None)
@@ -247,12 +251,9 @@ def baseline_volumes(split_volumes):
             for split, vols in split_volumes.items()}
 
 
-def calibrate(split_volumes, ecfg) -> dict:
-    """Thresholds for prediction: greedy search on all lesion-validation volumes pooled,
-    and label-free thresholds on healthy validation volumes."""
-    scores = {}
-    for vols in split_volumes.values():
-        scores.update(postprocess_volumes(vols, ecfg))
+def calibrate(split_volumes, ecfg, scores: dict) -> dict:
+    """The threshold for prediction: greedy search on all lesion-validation volumes pooled
+    (`scores`: post-processed, as from `postprocess_splits`)."""
     val = split_volumes.get(schema.VAL_LESION, {})
     out: dict = {"postprocess": {"erode_iterations": ecfg.erode_iterations,
                                  "median_size": ecfg.median_size,
@@ -269,8 +270,8 @@ def calibrate(split_volumes, ecfg) -> dict:
 
 def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     """Scores, thresholds and measures; writes results.json, subjects.csv, report.md."""
-    from uadjax import report  # noqa: PLC0415
-    from uadjax.methods import get_method  # noqa: PLC0415
+    from uadjax import report
+    from uadjax.methods import get_method
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
@@ -283,12 +284,13 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     sources = {config.method: split_volumes}
     if config.eval.baseline and config.method != "threshold":
         sources["threshold"] = baseline_volumes(split_volumes)
-    all_results, rows, seconds = {}, {}, {}
+    all_results, rows, seconds, processed = {}, {}, {}, {}
     for name, vols in sources.items():
+        processed[name] = postprocess_splits(vols, config.eval)
         (res, name_rows), seconds[name] = timed(evaluate_scores, vols, config.eval,
-                                                spacing=spacing)
+                                                spacing=spacing, scores=processed[name])
         all_results[name], rows[name] = res, name_rows
-    calibration = calibrate(split_volumes, config.eval)
+    calibration = calibrate(split_volumes, config.eval, processed[config.method])
     num_slices = sum(v.score.shape[0] for vols in split_volumes.values() for v in vols.values())
     summary = {
         "method": config.method, "modalities": list(config.data.modalities),
@@ -301,7 +303,7 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     write_json_atomic(os.path.join(out_dir, "calibration.json"), calibration)
     write_subjects_csv(os.path.join(out_dir, "subjects.csv"), rows)
     table = results_table(all_results)
-    sections = _figures(out_dir, split_volumes, sources, all_results, config)
+    sections = _figures(out_dir, sources, processed, all_results, config)
     report.write_report(
         os.path.join(out_dir, "report.md"),
         title=f"uadjax evaluation: {config.method} on {'/'.join(config.data.modalities)}",
@@ -316,27 +318,26 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     return summary
 
 
-def _figures(out_dir, split_volumes, sources, all_results, config) -> list[str]:
-    from uadjax import report  # noqa: PLC0415
+def _figures(out_dir, sources, processed, all_results, config) -> list[str]:
+    """Example panels and pooled PR curves per lesion kind; returns report sections."""
+    from uadjax import report
 
-    test = split_volumes.get(schema.TEST_LESION, {})
+    test = sources[config.method].get(schema.TEST_LESION, {})
     sections = []
     for kind in sorted({v.kind for v in test.values()}):
-        vols = [test[s] for s in sorted(test) if test[s].kind == kind][:config.eval.num_figures]
         entry = all_results[config.method]["kinds"][kind]
         if "oracle" not in entry:
             continue
+        kind_ids = [s for s in sorted(test) if test[s].kind == kind]
         threshold = entry.get("val", entry["oracle"])["threshold"]
-        scores = postprocess_volumes({v.subject_id: v for v in vols}, config.eval)
         name = f"examples_{kind}.png"
-        report.save_examples_figure(os.path.join(out_dir, name), vols, scores, threshold,
-                                    title=f"{config.method}: {kind}")
-        curves = {}
-        for method_name, method_vols in sources.items():
-            kind_vols = [method_vols[schema.TEST_LESION][s] for s in sorted(test)
-                         if test[s].kind == kind]
-            all_scores = postprocess_volumes({v.subject_id: v for v in kind_vols}, config.eval)
-            curves[method_name] = report.pooled_sample(kind_vols, all_scores)
+        report.save_examples_figure(
+            os.path.join(out_dir, name), [test[s] for s in kind_ids[:config.eval.num_figures]],
+            processed[config.method], threshold, title=f"{config.method}: {kind}")
+        curves = {
+            method_name: report.pooled_sample(
+                [vols[schema.TEST_LESION][s] for s in kind_ids], processed[method_name])
+            for method_name, vols in sources.items()}
         pr_name = f"pr_{kind}.png"
         report.save_pr_figure(os.path.join(out_dir, pr_name), curves,
                               title=f"pooled in-brain PR curve: {kind}")

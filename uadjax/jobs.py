@@ -28,8 +28,8 @@ def ensure_phantom(config, *, overwrite: bool = False, progress: bool = True) ->
     """Generates the built-in phantom if `config.data.dataset_dir` is unset (cached)."""
     if config.data.dataset_dir:
         return Path(config.data.dataset_dir)
-    from configs import phantom as phantom_configs  # noqa: PLC0415
-    from uadjax.data import phantom  # noqa: PLC0415
+    from configs import phantom as phantom_configs
+    from uadjax.data import phantom
 
     out = phantom_dir(config)
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def make_train_data(config, stage) -> TrainData:
 
 
 def train(config, workdir: str, *, stages=None, progress: bool = True) -> None:
-    from uadjax import train as train_lib  # noqa: PLC0415
+    from uadjax import train as train_lib
 
     ensure_shards(config, progress=progress)
     train_lib.train(config, workdir, make_data=make_train_data, stages=stages,
@@ -112,7 +112,7 @@ def train(config, workdir: str, *, stages=None, progress: bool = True) -> None:
 
 
 def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
-    from uadjax import evaluate as evaluate_lib  # noqa: PLC0415
+    from uadjax import evaluate as evaluate_lib
 
     ensure_shards(config, progress=progress)
     return evaluate_lib.run_evaluation(config, workdir, progress=progress)
@@ -120,7 +120,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
 
 def predict(workdir: str, input_path: str, output_dir: str, *, brain_mask: str | None = None,
             overwrite: bool = False) -> int:
-    from uadjax import predict as predict_lib  # noqa: PLC0415
+    from uadjax import predict as predict_lib
 
     report = predict_lib.predict_paths(workdir, input_path, output_dir, brain_mask=brain_mask,
                                        overwrite=overwrite)

@@ -20,6 +20,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from uadjax.data.schema import DataError
+
 MODES = ("phantom", "prepare", "train", "evaluate", "predict", "run")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,11 +58,24 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: python -m uadjax.main <mode> [flags]; modes: {MODES}")
     mode = argv[1]
-    from uadjax import parallel  # noqa: PLC0415 (after flags, before JAX allocates devices)
+    from uadjax import parallel  # imported after flag parsing, before JAX picks devices
 
     parallel.initialize_distributed()
-    from uadjax import jobs  # noqa: PLC0415
+    try:
+        _dispatch(mode)
+    except (FileNotFoundError, FileExistsError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
+
+def _dispatch(mode: str) -> None:
+    from uadjax import jobs
+
+    if mode == "predict":  # the run directory holds its own config
+        code = jobs.predict(_require(_WORKDIR, mode), _require(_INPUT, mode),
+                            _require(_OUTPUT, mode), brain_mask=_BRAIN_MASK.value,
+                            overwrite=_OVERWRITE.value)
+        sys.exit(code)
     config = _require(_CONFIG, mode)
     if mode == "phantom":
         jobs.ensure_phantom(config, overwrite=_OVERWRITE.value)
@@ -70,11 +85,6 @@ def main(argv):
         jobs.train(config, _require(_WORKDIR, mode), stages=_STAGE.value)
     elif mode == "evaluate":
         jobs.evaluate(config, _require(_WORKDIR, mode))
-    elif mode == "predict":
-        code = jobs.predict(_require(_WORKDIR, mode), _require(_INPUT, mode),
-                            _require(_OUTPUT, mode), brain_mask=_BRAIN_MASK.value,
-                            overwrite=_OVERWRITE.value)
-        sys.exit(code)
     elif mode == "run":
         jobs.run_all(config, _require(_WORKDIR, mode))
 

@@ -14,10 +14,10 @@ class MetricWriter:
     def __init__(self, directory: str, *, tensorboard: bool = True):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional, heavy import)
+            from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(directory, "tb"))
 

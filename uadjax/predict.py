@@ -40,8 +40,8 @@ class PredictReport:
         return not self.failures
 
     def summary(self) -> str:
-        lines = [f"predict: {len(self.written)} written, {len(self.skipped)} skipped "
-                 f"(outputs exist), {len(self.failures)} failed"]
+        lines = [(f"predict: {len(self.written)} written, {len(self.skipped)} skipped "
+                  f"(outputs exist), {len(self.failures)} failed")]
         lines += [f"  FAILED {path}: {problem}" for path, problem in self.failures]
         return "\n".join(lines)
 
@@ -79,7 +79,7 @@ def find_scans(input_path: str, modalities) -> dict[str, dict[str, Path]]:
 
 def load_run(workdir: str):
     """(config, models, calibration) of a trained and evaluated run directory."""
-    from uadjax.evaluate import load_models  # noqa: PLC0415
+    from uadjax.evaluate import load_models
 
     config_path = Path(workdir) / "config.json"
     calibration_path = Path(workdir) / "eval" / "calibration.json"
@@ -100,7 +100,7 @@ def volume_batches(images: np.ndarray, brain_mask: np.ndarray, batch_size: int):
         stop = min(start + batch_size, depth)
         pad = batch_size - (stop - start)
 
-        def padded(a):
+        def padded(a, start=start, stop=stop, pad=pad):
             return np.concatenate([a[start:stop], np.zeros((pad, *a.shape[1:]), a.dtype)])
 
         yield {
@@ -117,8 +117,8 @@ def volume_batches(images: np.ndarray, brain_mask: np.ndarray, batch_size: int):
 def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, calibration,
                  brain_mask: str | None = None) -> list[Path]:
     """Scores one scan and writes its maps next to `out_prefix`; returns the paths."""
-    from uadjax.inference import postprocess  # noqa: PLC0415
-    from uadjax.inference.scoring import score_volumes  # noqa: PLC0415
+    from uadjax.inference import postprocess
+    from uadjax.inference.scoring import score_volumes
 
     subject_files = nifti.SubjectFiles(
         subject_id=out_prefix.name, split="", kind="unknown", lesion_volume_ml=0.0,
@@ -145,10 +145,10 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
 
 def save_overview(path: Path, image, score, segmentation, *, threshold: float) -> None:
     """Six axial slices through the brain: input with segmentation outline, anomaly map."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     depth = image.shape[0]
     picks = np.linspace(depth * 0.2, depth * 0.8, 6).astype(int)
@@ -176,11 +176,11 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
                   brain_mask: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> PredictReport:
     """Runs `predict_scan` on one file or every scan of a folder."""
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
-    from uadjax import parallel  # noqa: PLC0415
-    from uadjax.inference.scoring import make_batch_scorer  # noqa: PLC0415
-    from uadjax.methods import get_method  # noqa: PLC0415
+    from uadjax import parallel
+    from uadjax.inference.scoring import make_batch_scorer
+    from uadjax.methods import get_method
 
     config, models, calibration = load_run(workdir)
     if "threshold" not in calibration:

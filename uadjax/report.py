@@ -7,11 +7,11 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve
 
-from uadjax.inference.scoring import ScoredVolume  # noqa: E402
+from uadjax.inference.scoring import ScoredVolume
 
 
 def lesion_slice(seg: np.ndarray) -> int:

@@ -9,7 +9,7 @@ method produced a score map.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np

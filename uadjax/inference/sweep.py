@@ -6,7 +6,7 @@ Build a stacked batch of variants, map the score function over it with `jax.lax.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ import pkgutil
 
 from uadjax.methods.base import Method, Stage
 
-__all__ = ["Method", "Stage", "get_method", "available_methods"]
+__all__ = ["Method", "Stage", "available_methods", "get_method"]
 
 
 def available_methods() -> list[str]:

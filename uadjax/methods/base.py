@@ -10,7 +10,8 @@ config's order), `brain_mask [B, H, W]`, `seg [B, H, W]`, `slice_index [B]`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
