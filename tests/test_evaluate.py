@@ -128,8 +128,8 @@ def test_score_volumes_reassembles_like_a_loop():
         return {"score": batch["image"][..., 0] * 2.0}
 
     volumes = score_volumes(scorer, batches, num_slices=depth)
-    for sid in depth:
-        expected = np.stack([images[(sid, k)][..., 0] * 2.0 for k in range(depth[sid])])
+    for sid, num in depth.items():
+        expected = np.stack([images[(sid, k)][..., 0] * 2.0 for k in range(num)])
         np.testing.assert_array_equal(volumes[sid].score, expected)
     with pytest.raises(RuntimeError, match="missing"):
         score_volumes(scorer, batches[:1], num_slices=depth)

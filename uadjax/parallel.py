@@ -24,8 +24,14 @@ def initialize_distributed() -> None:
     `JAX_PROCESS_ID`) or a cluster JAX detects itself (SLURM, TPU pods, Kubernetes).
     A plain single-process run does nothing.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("UADJAX_DISTRIBUTED"):
-        jax.distributed.initialize()
+    if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("UADJAX_DISTRIBUTED")):
+        return
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
