@@ -129,7 +129,7 @@ def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
 
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         if ema_decay > 0:
