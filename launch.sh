@@ -4,6 +4,11 @@
 #   ./launch.sh              the main job: phantom -> shards -> train -> evaluate -> report
 #   ./launch.sh test         the test suite
 #   ./launch.sh <mode> ...   any uadjax mode (phantom, prepare, train, evaluate, predict, run)
+#
+# Several hosts (TPU pod slice, multi-node GPU): start the same command on every host with
+#   JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i ./launch.sh train ...
+# (or UADJAX_DISTRIBUTED=1 where JAX detects the cluster itself: TPU pods, SLURM).
+# Extra arguments of the main job are passed on: ./launch.sh main --config.train.num_steps=2000
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
