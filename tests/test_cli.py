@@ -5,7 +5,7 @@ import sys
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "uadjax.main", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "uadjax.main", *args], capture_output=True, check=False,
                           text=True, timeout=120)
 
 

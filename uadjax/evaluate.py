@@ -16,14 +16,13 @@ reported beside it and labelled:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
 
 import numpy as np
 
-from uadjax import metrics
+from uadjax import atomic, metrics
 from uadjax.data import schema
 from uadjax.inference import postprocess
 from uadjax.inference.scoring import ScoredVolume
@@ -172,30 +171,15 @@ def results_table(all_results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
 def write_subjects_csv(path: str, rows_by_method: dict[str, list[dict]]) -> None:
     fields = ["method", "subject_id", "kind", "threshold_source", "threshold",
               *metrics.VOLUME_METRIC_KEYS]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for method, rows in rows_by_method.items():
             for row in rows:
                 writer.writerow({"method": method, **row})
-    os.replace(tmp, path)
 
 
 def timed(fn, *args, **kwargs):
@@ -299,8 +283,8 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
                    "metric_seconds": seconds},
     }
-    write_json_atomic(os.path.join(out_dir, "results.json"), summary)
-    write_json_atomic(os.path.join(out_dir, "calibration.json"), calibration)
+    atomic.write_json(os.path.join(out_dir, "results.json"), summary)
+    atomic.write_json(os.path.join(out_dir, "calibration.json"), calibration)
     write_subjects_csv(os.path.join(out_dir, "subjects.csv"), rows)
     table = results_table(all_results)
     sections = _figures(out_dir, sources, processed, all_results, config)

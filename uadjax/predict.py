@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
+from uadjax import atomic
 from uadjax.data import nifti, preprocess
 from uadjax.data.schema import DataError
 
@@ -166,10 +166,9 @@ def save_overview(path: Path, image, score, segmentation, *, threshold: float) -
     fig.suptitle(f"input + segmentation (red) / anomaly map (threshold {threshold:.3g})",
                  fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def predict_paths(workdir: str, input_path: str, output_dir: str, *,

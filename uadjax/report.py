@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
+from uadjax import atomic
 from uadjax.inference.scoring import ScoredVolume
 
 
@@ -80,15 +79,10 @@ def pooled_sample(volumes: list[ScoredVolume], scores: dict[str, np.ndarray], *,
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(path: str, *, title: str, table: str, sections: list[str]) -> None:
-    text = "\n\n".join([f"# {title}", table, *sections]) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n\n".join([f"# {title}", table, *sections]) + "\n")

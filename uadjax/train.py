@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from uadjax import checkpointing, parallel
+from uadjax import atomic, checkpointing, parallel
 from uadjax.methods import get_method
 from uadjax.methods.base import Stage
 from uadjax.metric_writer import MetricWriter
@@ -313,8 +313,8 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
       stages: names of the stages to train; all by default.
     """
     os.makedirs(workdir, exist_ok=True)
-    _write_json_atomic(os.path.join(workdir, "config.json"),
-                       json.loads(config.to_json_best_effort()))
+    atomic.write_json(os.path.join(workdir, "config.json"),
+                      json.loads(config.to_json_best_effort()))
     method = get_method(config.method)
     earlier: dict[str, nnx.Module] = {}
     for stage in method.stages:
@@ -322,10 +322,3 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
             train_stage(stage, config, workdir, make_data(config, stage), earlier=earlier,
                         progress=progress)
         earlier[stage.name] = load_stage_models(config, workdir, stage)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 from tqdm import tqdm
 
+from uadjax import atomic
 from uadjax.data import nifti
 from uadjax.data.preprocess import PreprocessConfig, preprocess_files, training_slice_indices
 from uadjax.data.schema import SPLITS, TRAIN, DataError
@@ -147,13 +148,6 @@ def builder_dir(data_dir, config) -> Path:
     return Path(data_dir) / UadjaxSlices.name / name / VERSION
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, progress: bool):
     """Preprocesses every manifest subject into `cache_dir/<id>.npz`.
 
@@ -249,7 +243,7 @@ def prepare_dataset(dataset_dir, data_dir, config, *, progress: bool = True) -> 
             "preprocess": pp.to_dict(), "dataset_dir": str(dataset_dir.resolve()),
             "splits": totals, "subjects": entries, "failures": failures,
         }
-        _write_json_atomic(built / VOLUMES_JSON, index)
+        atomic.write_json(built / VOLUMES_JSON, index, indent=1)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             os.replace(final, tmp / "previous")

@@ -7,14 +7,13 @@ fail here, with the file named, rather than later inside preprocessing.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from uadjax import atomic
 from uadjax.data.schema import DataError
 
 # Default tolerance when comparing the affines of the files of one subject (mm / unitless).
@@ -250,14 +249,6 @@ def save_nifti_atomic(path, array, affine, header=None) -> Path:
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64),
                           header=header.copy() if header is not None else None)
     img.set_data_dtype(array.dtype)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
     return path
