@@ -127,7 +127,7 @@ def test_sigterm_saves_and_resume_finishes(tiny_run, tmp_path):
     data.train_iter = SigtermAfterTwo(inner, after=0)
     workdir = str(tmp_path / "sigterm")
     out = train.train_stage(stage, config, workdir, data, progress=False)
-    assert out["step"] == 3
+    assert out["step"] == 3 and not out["finished"]
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"))
     assert ckpt.latest_step() == 3
     ckpt.close()

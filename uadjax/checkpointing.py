@@ -66,6 +66,8 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored["config"]
 

@@ -38,12 +38,18 @@ def postprocess_volumes(volumes: dict[str, ScoredVolume], ecfg) -> dict[str, np.
     }
 
 
+def _spacing_of(spacing, sid):
+    """`spacing` is one (D, H, W) voxel size in mm, or a mapping subject -> voxel size."""
+    return spacing[sid] if isinstance(spacing, dict) else spacing
+
+
 def _per_volume(sids, scores, volumes, threshold, ecfg, spacing):
     rows = []
     for sid in sids:
         pred = postprocess.binarize(scores[sid], threshold,
                                     min_component_size=ecfg.min_component_size)
-        row = metrics.volume_metrics(scores[sid], pred, volumes[sid].seg, spacing=spacing)
+        row = metrics.volume_metrics(scores[sid], pred, volumes[sid].seg,
+                                     spacing=_spacing_of(spacing, sid))
         rows.append({"subject_id": sid, "kind": volumes[sid].kind, **row})
     return rows
 
@@ -70,7 +76,8 @@ def evaluate_scores(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg, *,
     Args:
       split_volumes: split name -> subject -> ScoredVolume (raw scores).
       ecfg: `config.eval`.
-      spacing: voxel size in mm of the evaluation grid (D, H, W order).
+      spacing: voxel size in mm of the evaluation grid (D, H, W order), or a mapping
+        subject -> voxel size when volumes keep their native spacing.
       scores: post-processed scores (`postprocess_splits`), computed here if None.
     Returns:
       (results dict, per-subject rows for the CSV).
@@ -132,7 +139,7 @@ def _healthy_fp(test_healthy, scores, threshold, ecfg, spacing) -> dict:
     volumes_ml = [
         metrics.false_positive_volume_ml(
             postprocess.binarize(scores[s], threshold, min_component_size=ecfg.min_component_size),
-            None, spacing=spacing)
+            None, spacing=_spacing_of(spacing, s))
         for s in sorted(test_healthy)]
     return {"mean": float(np.mean(volumes_ml)), "std": float(np.std(volumes_ml)),
             "n": len(volumes_ml)}
@@ -154,8 +161,11 @@ def results_table(all_results: dict[str, dict]) -> str:
                 lines.append(f"| {method} | {kind} | {entry['num_test']} | "
                              f"{entry.get('warning', 'n/a')} |||||||")
                 continue
-            val = entry.get("val", entry["oracle"])
-            pv = val["per_volume"]
+            if "val" not in entry:
+                lines.append(f"| {method} | {kind} | {entry['num_test']} | "
+                             "n/a (no lesion-validation subject of this kind) |||||||")
+                continue
+            pv = entry["val"]["per_volume"]
 
             def cell(name, scale=100.0, pv=pv):
                 m = pv.get(name, {})
@@ -263,8 +273,10 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     models = load_models(config, workdir)
     (split_volumes, index), score_seconds = timed(
         score_splits, config, models, method.score_fn, progress=progress)
-    sx, sy, sz = (float(s) for s in index["subjects"][0]["geometry"]["spacing_after"])
-    spacing = (sz, sx, sy)  # volumes are [D, H, W] = canonical (z, x, y)
+    spacing = {}  # volumes are [D, H, W] = canonical (z, x, y)
+    for entry in index["subjects"]:
+        sx, sy, sz = (float(s) for s in entry["geometry"]["spacing_after"])
+        spacing[entry["id"]] = (sz, sx, sy)
     sources = {config.method: split_volumes}
     if config.eval.baseline and config.method != "threshold":
         sources["threshold"] = baseline_volumes(split_volumes)
@@ -278,7 +290,7 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
     num_slices = sum(v.score.shape[0] for vols in split_volumes.values() for v in vols.values())
     summary = {
         "method": config.method, "modalities": list(config.data.modalities),
-        "spacing_mm": spacing, "results": all_results, "calibration": calibration,
+        "spacing_mm": sorted(set(spacing.values())), "results": all_results, "calibration": calibration,
         "timing": {"score_seconds": score_seconds, "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
                    "metric_seconds": seconds},
@@ -313,7 +325,7 @@ def _figures(out_dir, sources, processed, all_results, config) -> list[str]:
         if "oracle" not in entry:
             continue
         kind_ids = [s for s in sorted(test) if test[s].kind == kind]
-        threshold = entry.get("val", entry["oracle"])["threshold"]
+        threshold = entry["val"]["threshold"] if "val" in entry else entry["oracle"]["threshold"]
         name = f"examples_{kind}.png"
         report.save_examples_figure(
             os.path.join(out_dir, name), [test[s] for s in kind_ids[:config.eval.num_figures]],

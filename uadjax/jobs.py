@@ -103,12 +103,13 @@ def make_train_data(config, stage) -> TrainData:
     return TrainData(train_iter=iterator, val_batches=val_iter)
 
 
-def train(config, workdir: str, *, stages=None, progress: bool = True) -> None:
+def train(config, workdir: str, *, stages=None, progress: bool = True) -> bool:
+    """Trains the configured stages; False if a stage stopped early (SIGTERM)."""
     from uadjax import train as train_lib
 
     ensure_shards(config, progress=progress)
-    train_lib.train(config, workdir, make_data=make_train_data, stages=stages,
-                    progress=progress)
+    return train_lib.train(config, workdir, make_data=make_train_data, stages=stages,
+                           progress=progress)
 
 
 def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
@@ -132,7 +133,9 @@ def run_all(config, workdir: str, *, progress: bool = True) -> dict:
     """The main job: phantom -> shards -> train -> evaluate -> report."""
     start = time.perf_counter()
     ensure_shards(config, progress=progress)
-    train(config, workdir, progress=progress)
+    if not train(config, workdir, progress=progress):
+        print("training stopped before its last step; rerun the same command to resume")
+        return {}
     results = evaluate(config, workdir, progress=progress)
     print(f"total: {time.perf_counter() - start:.0f} s; report: "
           f"{os.path.join(workdir, 'eval', 'report.md')}")

@@ -194,7 +194,8 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
     for name, files in tqdm(sorted(scans.items()), disable=not progress, desc="predict"):
         prefix = out / name
         targets = [prefix.with_name(name + s) for s in ("_anomaly.nii.gz",
-                                                         "_segmentation.nii.gz")]
+                                                         "_segmentation.nii.gz",
+                                                         "_overview.png")]
         if not overwrite and all(t.exists() for t in targets):
             report.skipped.append(name)
             continue

@@ -194,7 +194,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     Args:
       stop_at_step: stop (and save) after this step, as if killed; for tests and preemption.
     Returns:
-      {'state': final state, 'graphdef': graphdef, 'step': int}.
+      {'state': final state, 'graphdef': graphdef, 'step': int, 'finished': bool}; not
+      finished after SIGTERM or `stop_at_step`.
     """
     tcfg = config.train
     mesh = mesh or parallel.make_mesh()
@@ -212,7 +213,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     num_steps = int(tcfg.num_steps)
     if start >= num_steps:
         ckpt.close()
-        return {"state": state, "graphdef": graphdef, "step": start}
+        return {"state": state, "graphdef": graphdef, "step": start, "finished": True}
 
     base_key = jax.random.key(config.seed)
     step_fn = make_train_step(stage, graphdef, tx, config, base_key=base_key)
@@ -265,7 +266,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
         bar.close()
         writer.close()
         ckpt.close()
-    return {"state": state, "graphdef": graphdef, "step": step}
+    return {"state": state, "graphdef": graphdef, "step": step, "finished": step >= num_steps}
 
 
 def _check_finite(state) -> None:
@@ -305,20 +306,31 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
 
 
 def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
-          stages: list[str] | None = None, progress: bool = True) -> None:
+          stages: list[str] | None = None, progress: bool = True) -> bool:
     """Trains the stages of `config.method` in order, skipping finished ones.
 
     Args:
       make_data: builds the TrainData of a stage (the data module's job; injectable in tests).
       stages: names of the stages to train; all by default.
+    Returns:
+      True when every requested stage reached its step count; False when a stage stopped
+      early (SIGTERM): later stages are then not started.
     """
     os.makedirs(workdir, exist_ok=True)
     atomic.write_json(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))
     method = get_method(config.method)
+    wanted = [s.name for s in method.stages if stages is None or s.name in stages]
     earlier: dict[str, nnx.Module] = {}
     for stage in method.stages:
-        if stages is None or stage.name in stages:
-            train_stage(stage, config, workdir, make_data(config, stage), earlier=earlier,
-                        progress=progress)
-        earlier[stage.name] = load_stage_models(config, workdir, stage)
+        if not wanted:
+            break
+        if stage.name in wanted:
+            wanted.remove(stage.name)
+            out = train_stage(stage, config, workdir, make_data(config, stage),
+                              earlier=earlier, progress=progress)
+            if not out["finished"]:
+                return False
+        if wanted:  # a later stage may start from this one
+            earlier[stage.name] = load_stage_models(config, workdir, stage)
+    return True

@@ -45,6 +45,10 @@ def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: i
 
     The key of batch i is fold_in(key(seed), i), so scores are reproducible.
     """
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "scoring gathers every row on one host: run evaluate and predict as a single "
+            "process (training is the multi-host part)")
     base_key = jax.random.key(seed)
 
     @jax.jit
