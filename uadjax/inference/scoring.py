@@ -51,6 +51,8 @@ def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: i
             "process (training is the multi-host part)")
     base_key = jax.random.key(seed)
 
+    # The networks are closed over, so their weights are compiled in as constants: fine for
+    # the CPU and paper sizes; very large models should pass their state as jit arguments.
     @jax.jit
     def scored(batch, key):
         return score_fn(models, batch, key, config)
