@@ -46,7 +46,7 @@ def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: i
     The key of batch i is fold_in(key(seed), i), so scores are reproducible.
     """
     if jax.process_count() > 1:
-        raise NotImplementedError(
+        raise RuntimeError(
             "scoring gathers every row on one host: run evaluate and predict as a single "
             "process (training is the multi-host part)")
     base_key = jax.random.key(seed)
