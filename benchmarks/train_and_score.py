@@ -52,7 +52,7 @@ def main(_):
     rng = np.random.default_rng(0)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
     models = {}
-    for stage in method.stages:
+    for stage in method.active_stages(config):
         tx = train.make_optimizer(config.train)
         graphdef, state = train.init_state(stage, config, tx, seed=0)
         state = parallel.replicate(state, mesh)

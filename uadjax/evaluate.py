@@ -205,12 +205,13 @@ EVAL_SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema
 
 
 def load_models(config, workdir: str) -> dict:
-    """stage name -> trained (EMA) networks of every stage of `config.method`."""
+    """stage name -> trained (EMA) networks of every active stage of `config.method`."""
     from uadjax.methods import get_method
-    from uadjax.train import load_stage_models
+    from uadjax.train import load_stage_models, stage_workdir
 
     method = get_method(config.method)
-    return {s.name: load_stage_models(config, workdir, s) for s in method.stages}
+    return {s.name: load_stage_models(config, stage_workdir(config, workdir, s.name), s)
+            for s in method.active_stages(config)}
 
 
 def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL_SPLITS):
@@ -262,12 +263,18 @@ def calibrate(split_volumes, ecfg, scores: dict) -> dict:
     return out
 
 
-def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
-    """Scores, thresholds and measures; writes results.json, subjects.csv, report.md."""
+def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
+                   progress: bool = True) -> dict:
+    """Scores, thresholds and measures; writes results.json, subjects.csv, report.md.
+
+    Args:
+      out_dir: where the outputs go; `<workdir>/eval` by default (another folder lets one
+        trained run be evaluated under several test-time settings, e.g. with and without ENS).
+    """
     from uadjax import report
     from uadjax.methods import get_method
 
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = out_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     method = get_method(config.method)
     models = load_models(config, workdir)
@@ -288,11 +295,15 @@ def run_evaluation(config, workdir: str, *, progress: bool = True) -> dict:
         all_results[name], rows[name] = res, name_rows
     calibration = calibrate(split_volumes, config.eval, processed[config.method])
     num_slices = sum(v.score.shape[0] for vols in split_volumes.values() for v in vols.values())
+    num_volumes = sum(len(vols) for vols in split_volumes.values())
     summary = {
         "method": config.method, "modalities": list(config.data.modalities),
         "spacing_mm": sorted(set(spacing.values())), "results": all_results, "calibration": calibration,
         "timing": {"score_seconds": score_seconds, "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
+                   "volumes_scored": num_volumes,
+                   # wall time of scoring per volume, data loading and compilation included
+                   "seconds_per_volume": score_seconds / max(num_volumes, 1),
                    "metric_seconds": seconds},
     }
     atomic.write_json(os.path.join(out_dir, "results.json"), summary)

@@ -112,11 +112,11 @@ def train(config, workdir: str, *, stages=None, progress: bool = True) -> bool:
                            progress=progress)
 
 
-def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
+def evaluate(config, workdir: str, *, out_dir: str | None = None, progress: bool = True) -> dict:
     from uadjax import evaluate as evaluate_lib
 
     ensure_shards(config, progress=progress)
-    return evaluate_lib.run_evaluation(config, workdir, progress=progress)
+    return evaluate_lib.run_evaluation(config, workdir, out_dir=out_dir, progress=progress)
 
 
 def predict(workdir: str, input_path: str, output_dir: str, *, brain_mask: str | None = None,

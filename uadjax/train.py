@@ -183,20 +183,43 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def stage_config(config, stage_name: str):
+    """`config` with `config.train` overridden by `config.stage_train.<stage_name>` (if any)."""
+    overrides = config.get("stage_train", {}).get(stage_name)
+    if not overrides:
+        return config
+    config = config.copy_and_resolve_references()
+    unknown = set(overrides.keys()) - set(config.train.keys())
+    if unknown:
+        raise ValueError(f"config.stage_train.{stage_name} sets unknown train fields "
+                         f"{sorted(unknown)}; known: {sorted(config.train.keys())}")
+    config.train.update(dict(overrides))
+    return config
+
+
 def stage_dir(workdir: str, stage_name: str) -> str:
     return os.path.join(workdir, stage_name)
 
 
+def stage_workdir(config, workdir: str, stage_name: str) -> str:
+    """The run folder holding a stage: `config.stage_workdirs.<stage>` when set (a stage
+    trained once in another run and reused, e.g. one encoder pre-training for several
+    seeds), else `workdir`. Such external stages are loaded, never trained here."""
+    return config.get("stage_workdirs", {}).get(stage_name) or workdir
+
+
 def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=None,
                 mesh=None, progress: bool = True, stop_at_step: int | None = None) -> dict:
-    """Trains one stage to `config.train.num_steps` (resuming if a checkpoint exists).
+    """Trains one stage to its `num_steps` (resuming if a checkpoint exists).
 
     Args:
+      config: the method config; the stage's overrides (`stage_config`) are applied here.
       stop_at_step: stop (and save) after this step, as if killed; for tests and preemption.
     Returns:
       {'state': final state, 'graphdef': graphdef, 'step': int, 'finished': bool}; not
       finished after SIGTERM or `stop_at_step`.
     """
+    config = stage_config(config, stage.name)
     tcfg = config.train
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(tcfg.batch_size, mesh)
@@ -293,10 +316,16 @@ def _validate(eval_fn, state, val_batches, mesh, base_key) -> dict:
 
 def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True) -> nnx.Module:
     """Rebuilds a trained stage's networks from its latest checkpoint (EMA params by default)."""
+    config = stage_config(config, stage.name)
     tx = make_optimizer(config.train)
     graphdef, state = init_state(stage, config, tx, seed=config.seed)
-    ckpt = checkpointing.Checkpointer(os.path.join(stage_dir(workdir, stage.name), "checkpoints"),
-                                      asynchronous=False)
+    directory = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
+    ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(
+            f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
+            f"(--mode=train --stage={stage.name}, or without --stage for all stages)")
     try:
         restored = ckpt.restore(checkpointing.abstract_like(state))
     finally:
@@ -320,17 +349,24 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
     atomic.write_json(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))
     method = get_method(config.method)
-    wanted = [s.name for s in method.stages if stages is None or s.name in stages]
+    active = method.active_stages(config)
+    wanted = [s.name for s in active if stages is None or s.name in stages]
+    if stages is not None and set(stages) - set(wanted):
+        raise ValueError(f"stages {sorted(set(stages) - set(wanted))} are not trained by this "
+                         f"config; its stages: {[s.name for s in active]}")
     earlier: dict[str, nnx.Module] = {}
-    for stage in method.stages:
+    for stage in active:
         if not wanted:
             break
+        source = stage_workdir(config, workdir, stage.name)
         if stage.name in wanted:
             wanted.remove(stage.name)
-            out = train_stage(stage, config, workdir, make_data(config, stage),
-                              earlier=earlier, progress=progress)
-            if not out["finished"]:
-                return False
+            if source == workdir:
+                out = train_stage(stage, config, workdir,
+                                  make_data(stage_config(config, stage.name), stage),
+                                  earlier=earlier, progress=progress)
+                if not out["finished"]:
+                    return False
         if wanted:  # a later stage may start from this one
-            earlier[stage.name] = load_stage_models(config, workdir, stage)
+            earlier[stage.name] = load_stage_models(config, source, stage)
     return True

@@ -25,16 +25,28 @@ LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, dict]]
 ScoreFn = Callable[[dict[str, nnx.Module], dict, jax.Array, Any], dict]
 # init_from(model, earlier_models) -> None: copies weights of earlier stages in place.
 InitFromFn = Callable[[nnx.Module, dict[str, nnx.Module]], None]
+# enabled(config) -> bool: whether the stage is part of this configuration.
+EnabledFn = Callable[[Any], bool]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One training stage: the networks it trains and the loss it minimises."""
+    """One training stage: the networks it trains and the loss it minimises.
+
+    Training settings of a stage are `config.train`, overridden by the fields of
+    `config.stage_train.<name>` when present (e.g. another optimiser for pre-training).
+    `init_from` receives only the earlier stages that ran; `enabled` (default: always)
+    lets a config switch an optional stage off (e.g. cDDPM without pre-training).
+    """
 
     name: str
     make_model: MakeModelFn
     loss_fn: LossFn
     init_from: InitFromFn | None = None
+    enabled: EnabledFn | None = None
+
+    def is_enabled(self, config) -> bool:
+        return self.enabled is None or bool(self.enabled(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,10 @@ class Method:
     name: str
     stages: tuple[Stage, ...]
     score_fn: ScoreFn
+
+    def active_stages(self, config) -> tuple[Stage, ...]:
+        """The stages this config trains, in order."""
+        return tuple(s for s in self.stages if s.is_enabled(config))
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -52,9 +52,11 @@ def sample_train_t(key, batch_size: int, dcfg):
     return jax.random.randint(key, (batch_size,), t_min, t_max + 1)
 
 
-def model_fn_of(model: nnx.Module):
+def model_fn_of(model: nnx.Module, cond=None):
+    """(x_t [B, H, W, C], t [B]) -> prediction, with an optional fixed condition [B, D]."""
+
     def model_fn(x_t, t):
-        return model(x_t, t)
+        return model(x_t, t) if cond is None else model(x_t, t, cond)
 
     return model_fn
 
@@ -81,12 +83,14 @@ def loss_fn(model, batch, key, config):
     return loss, {}
 
 
-def reconstruct(model, x0, key, config):
-    """Healthy reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1]."""
+def reconstruct(model_fn, x0, key, config):
+    """Healthy reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1].
+
+    model_fn(x_t, t) -> the network's prediction (see `model_fn_of`).
+    """
     dcfg = config.diffusion
     schedule = make_schedule(config)
     noise_fn = make_noise_fn(dcfg)
-    model_fn = model_fn_of(model)
     if dcfg.score_mode == "single_step":
         timesteps = jnp.asarray(dcfg.test_timesteps, jnp.int32)
         keys = jax.random.split(key, timesteps.shape[0])
@@ -112,11 +116,21 @@ def reconstruct(model, x0, key, config):
 def score_fn(models, batch, key, config):
     """-> {'score': [B, H, W] mean |x - rec| over channels, 'reconstruction': [B, H, W, C]}."""
     image = batch["image"]
-    rec = (reconstruct(models["diffusion"], to_model_range(image), key, config) + 1.0) / 2.0
-    if config.diffusion.get("residual", "l1") == "l2":
-        residual = jnp.square(image - rec)
-    else:
-        residual = jnp.abs(image - rec)
+    model_fn = model_fn_of(models["diffusion"])
+    rec = (reconstruct(model_fn, to_model_range(image), key, config) + 1.0) / 2.0
+    return residual_score(image, rec, config)
+
+
+def residual_score(image, rec, config) -> dict:
+    """image, rec [B, H, W, C] in [0, 1] -> {'score': [B, H, W], 'reconstruction': rec}.
+
+    The score is |x - rec| (`diffusion.residual` 'l1') or (x - rec)^2 ('l2'), averaged over
+    channels.
+    """
+    kind = config.diffusion.get("residual", "l1")
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"unknown diffusion.residual {kind!r}; use 'l1' or 'l2'")
+    residual = jnp.square(image - rec) if kind == "l2" else jnp.abs(image - rec)
     return {"score": jnp.mean(residual, axis=-1), "reconstruction": rec}
 
 

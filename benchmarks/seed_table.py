@@ -1,0 +1,161 @@
+"""Multi-seed results table: train and evaluate methods over seeds, print mean ± std.
+
+    python -m benchmarks.seed_table [--rows=DDPM,pDDPM] [--seeds=0,1,2] [--root=runs/table]
+    python -m benchmarks.seed_table --aggregate_only      # rebuild the table from results
+
+Each row is a training config (configs/<file>.py:<arg>) plus, optionally, test-time modifiers
+(e.g. `ens`) evaluated on the same trained run into `eval_<modifiers>/`. Runs live in
+`<root>/<config>/seed<k>/` and are reused (a finished run is not trained again, a killed one
+resumes), so the command can be rerun until the table is complete. Every run uses the same
+phantom (its own seed fixed); only the training seed changes.
+
+Writes `<root>/table.md` and `<root>/table.json`: per lesion kind Dice at the validation-
+selected threshold and AUPRC (per-volume means, then mean ± std over seeds, in percent), and
+the wall time of scoring per volume (compilation and data loading included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from uadjax import atomic
+
+_ROWS = flags.DEFINE_list("rows", None, "Row labels to run (default: all).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_ROOT = flags.DEFINE_string("root", "runs/table", "Where runs and the table go.")
+_AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the table.")
+
+KINDS = ("tumour", "stroke", "ms")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    config: str          # 'ddpm:cpu,short' = configs/ddpm.py with arg 'cpu,short'
+    test_modifiers: str = ""  # extra config modifiers applied only at evaluation ('ens')
+
+    def config_name(self) -> str:
+        return self.config.replace(":", "-").replace(",", "_")
+
+    def eval_dir_name(self) -> str:
+        return "eval" if not self.test_modifiers else "eval_" + self.test_modifiers.replace(",", "_")
+
+
+ROWS = (
+    Row("DDPM", "ddpm:cpu,short"),
+    Row("DDPM-ENS", "ddpm:cpu,short", "ens"),
+    Row("pDDPM", "pddpm:cpu,short"),
+    Row("pDDPM-ENS", "pddpm:cpu,short", "ens"),
+    Row("cDDPM (no pre-training)", "cddpm:cpu,short,nopretrain"),
+    Row("cDDPM-ENS (no pre-training)", "cddpm:cpu,short,nopretrain", "ens"),
+    Row("cDDPM", "cddpm:cpu,short"),
+    Row("cDDPM-ENS", "cddpm:cpu,short", "ens"),
+    Row("AE", "ae:cpu,short"),
+    Row("VAE", "vae:cpu,short"),
+    Row("DAE", "dae:cpu,short"),
+)
+
+
+def load_config(spec: str, extra: str = ""):
+    name, _, arg = spec.partition(":")
+    arg = ",".join(a for a in (arg, extra) if a)
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def run_row(row: Row, seed: int, root: str) -> str:
+    """Trains (or resumes) the row's config with `seed` and evaluates it; returns results path."""
+    from uadjax import jobs
+
+    workdir = os.path.join(root, row.config_name(), f"seed{seed}")
+    out_dir = os.path.join(workdir, row.eval_dir_name())
+    results = os.path.join(out_dir, "results.json")
+    if os.path.exists(results):
+        return results
+    config = load_config(row.config, row.test_modifiers)
+    config.seed = seed
+    config.eval.seed = seed
+    if not jobs.train(config, workdir, progress=False):
+        raise RuntimeError(f"training of {workdir} stopped early; rerun to resume")
+    jobs.evaluate(config, workdir, out_dir=out_dir, progress=False)
+    return results
+
+
+def summarise(values: list[float]) -> str:
+    if not values:
+        return "-"
+    values = 100.0 * np.asarray(values)
+    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+
+
+def aggregate(rows, seeds, root: str) -> tuple[str, dict]:
+    """-> (markdown table, {label: {kind: {'dice': [...], 'auprc': [...]}, 'seconds_per_volume'}})."""
+    data = {}
+    for row in rows:
+        entry = {kind: {"dice": [], "auprc": []} for kind in KINDS}
+        entry["seconds_per_volume"], entry["seeds"] = [], []
+        for seed in seeds:
+            path = os.path.join(root, row.config_name(), f"seed{seed}", row.eval_dir_name(),
+                                "results.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                res = json.load(f)
+            kinds = res["results"][res["method"]]["kinds"]
+            for kind in KINDS:
+                per_volume = kinds.get(kind, {}).get("val", {}).get("per_volume", {})
+                if per_volume:
+                    entry[kind]["dice"].append(per_volume["dice"]["mean"])
+                    entry[kind]["auprc"].append(per_volume["ap"]["mean"])
+            timing = res["timing"]
+            entry["seconds_per_volume"].append(
+                timing.get("seconds_per_volume",
+                           timing["score_seconds"] / max(timing.get("volumes_scored", 1), 1)))
+            entry["seeds"].append(seed)
+        data[row.label] = entry
+    header = ["method", "seeds"] + [f"{k} {m}" for k in KINDS for m in ("Dice", "AUPRC")]
+    header.append("s / volume")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, entry in data.items():
+        cells = [label, str(len(entry["seeds"]))]
+        for kind in KINDS:
+            cells += [summarise(entry[kind]["dice"]), summarise(entry[kind]["auprc"])]
+        spv = entry["seconds_per_volume"]
+        cells.append(f"{np.mean(spv):.2f}" if spv else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), data
+
+
+def main(argv):
+    del argv
+    rows = [r for r in ROWS if _ROWS.value is None or r.label in _ROWS.value]
+    unknown = set(_ROWS.value or ()) - {r.label for r in ROWS}
+    if unknown:
+        raise app.UsageError(f"unknown rows {sorted(unknown)}; rows: {[r.label for r in ROWS]}")
+    seeds = [int(s) for s in _SEEDS.value]
+    root = _ROOT.value
+    failures = []
+    if not _AGGREGATE_ONLY.value:
+        for seed in seeds:  # seed-major: a partial table already has every row once
+            for row in rows:
+                try:
+                    print(f"== {row.label} seed {seed}: {run_row(row, seed, root)}", flush=True)
+                except Exception as e:  # noqa: BLE001 - report and go on with the other rows
+                    failures.append(f"{row.label} seed {seed}: {type(e).__name__}: {e}")
+                    print("FAILED", failures[-1], flush=True)
+    table, data = aggregate(ROWS if _AGGREGATE_ONLY.value else rows, seeds, root)
+    atomic.write_text(os.path.join(root, "table.md"), table + "\n")
+    atomic.write_json(os.path.join(root, "table.json"), data)
+    print(table)
+    for failure in failures:
+        print("FAILED", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    app.run(main)
