@@ -30,7 +30,13 @@ from flax import nnx
 from uadjax import diffusion
 from uadjax.inference.sweep import sweep, weighted_mean
 from uadjax.methods.base import Method, Stage
-from uadjax.methods.ddpm import make_noise_fn, make_schedule, sample_train_t, to_model_range
+from uadjax.methods.ddpm import (
+    make_noise_fn,
+    make_schedule,
+    residual_score,
+    sample_train_t,
+    to_model_range,
+)
 from uadjax.models import make_model
 
 TRAIN_POSITIONS = ("grid", "random")
@@ -250,11 +256,7 @@ def score_fn(models, batch, key, config):
     """
     image = batch["image"]
     rec = (reconstruct(models["diffusion"], to_model_range(image), key, config) + 1.0) / 2.0
-    if config.diffusion.get("residual", "l1") == "l2":
-        residual = jnp.square(image - rec)
-    else:
-        residual = jnp.abs(image - rec)
-    return {"score": jnp.mean(residual, axis=-1), "reconstruction": rec}
+    return residual_score(image, rec, config)
 
 
 METHOD = Method(
