@@ -5,18 +5,17 @@ reconstructs healthy slices x [B, H, W, M] in [0, 1]; the loss is the L1 or L2 e
 (`config.autoencoder.loss`) averaged over every pixel and channel of the whole image.
 Score: |x - f(x)| averaged over channels.
 
-The helpers below (`make_autoencoder`, `reconstruction_loss`, `residual_score`) are shared
+The helpers below (`make_autoencoder`, `reconstruction_loss`) are shared
 by the VAE (`vae.py`) and the denoising autoencoder (`dae.py`).
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from uadjax import diffusion
-from uadjax.methods.base import Method, Stage
+from uadjax.methods.base import Method, Stage, residual_score
 from uadjax.models import make_model
 
 STAGE = "autoencoder"
@@ -65,13 +64,6 @@ def reconstruction_loss(reconstruction: jax.Array, image: jax.Array, kind: str,
         raise ValueError(f"unknown reconstruction loss {kind!r}; use one of {LOSSES}")
     return diffusion.diffusion_loss(reconstruction, image, kind=kind, mask=mask,
                                     mask_reduction="image")
-
-
-def residual_score(image: jax.Array, reconstruction: jax.Array) -> dict[str, jax.Array]:
-    """image, reconstruction [B, H, W, M] -> {'score': [B, H, W] mean over channels of
-    |image - reconstruction|, 'reconstruction': [B, H, W, M]}."""
-    score = jnp.mean(jnp.abs(image - reconstruction), axis=-1)
-    return {"score": score, "reconstruction": reconstruction}
 
 
 def loss_fn(model, batch, key, config):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 # make_model(config, rngs) -> nnx.Module holding every network of the stage.
@@ -73,3 +74,19 @@ class Method:
                 return stage
         raise KeyError(f"method {self.name!r} has no stage {name!r}; "
                        f"stages: {[s.name for s in self.stages]}")
+
+
+RESIDUALS = ("l1", "l2")
+
+
+def residual_score(image: jax.Array, reconstruction: jax.Array, kind: str = "l1") -> dict:
+    """The reconstruction-error score shared by reconstruction-based methods.
+
+    image, reconstruction [B, H, W, M] -> {'score': [B, H, W] |x - rec| ('l1') or
+    (x - rec)^2 ('l2') averaged over channels, 'reconstruction': [B, H, W, M]}.
+    """
+    if kind not in RESIDUALS:
+        raise ValueError(f"unknown residual {kind!r}; use one of {RESIDUALS}")
+    diff = image - reconstruction
+    residual = jnp.square(diff) if kind == "l2" else jnp.abs(diff)
+    return {"score": jnp.mean(residual, axis=-1), "reconstruction": reconstruction}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uadjax.methods import ae
-from uadjax.methods.base import Method, Stage
+from uadjax.methods.base import Method, Stage, residual_score
 from uadjax.models import make_model
 
 STAGE = "denoiser"
@@ -99,7 +99,7 @@ def loss_fn(model, batch, key, config):
 def score_fn(models, batch, key, config):
     """-> residual_score of f(x), the clean image's reconstruction (no noise)."""
     image = batch["image"]
-    return ae.residual_score(image, models[STAGE](image, None))
+    return residual_score(image, models[STAGE](image, None))
 
 
 METHOD = Method(

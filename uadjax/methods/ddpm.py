@@ -19,6 +19,7 @@ from flax import nnx
 
 from uadjax import diffusion
 from uadjax.inference.sweep import sweep, weighted_mean
+from uadjax.methods import base
 from uadjax.methods.base import Method, Stage
 from uadjax.models import make_model
 
@@ -122,16 +123,8 @@ def score_fn(models, batch, key, config):
 
 
 def residual_score(image, rec, config) -> dict:
-    """image, rec [B, H, W, C] in [0, 1] -> {'score': [B, H, W], 'reconstruction': rec}.
-
-    The score is |x - rec| (`diffusion.residual` 'l1') or (x - rec)^2 ('l2'), averaged over
-    channels.
-    """
-    kind = config.diffusion.get("residual", "l1")
-    if kind not in ("l1", "l2"):
-        raise ValueError(f"unknown diffusion.residual {kind!r}; use 'l1' or 'l2'")
-    residual = jnp.square(image - rec) if kind == "l2" else jnp.abs(image - rec)
-    return {"score": jnp.mean(residual, axis=-1), "reconstruction": rec}
+    """`base.residual_score` with the kind from `config.diffusion.residual` ('l1' | 'l2')."""
+    return base.residual_score(image, rec, config.diffusion.get("residual", "l1"))
 
 
 METHOD = Method(
