@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "b2": 0.95, "num_steps": 14400, "ema_decay": 0.0, "warmup_steps": 0,
         "lr_schedule": "constant"})
 
+    # Run folder of a stage trained elsewhere and reused here ('' = train it in this run).
+    config.stage_workdirs = ml_collections.ConfigDict({"pretrain": ""})
+
     if size == "cpu":
         # The DDPM CPU recipe (lr 1e-3, cosine, EMA) for the denoiser; the small encoder and
         # decoder (16 px mask units on 64 px slices: 16 units, 6 visible) pre-train as long.

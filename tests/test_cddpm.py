@@ -173,7 +173,7 @@ def test_two_stage_run_end_to_end(tiny_run, tmp_path):
 
     # The second stage alone, reusing the encoder pre-trained in the first run.
     reuse = _tiny_config(tiny_run, tmp_path / "reuse")
-    reuse.stage_workdirs = {"pretrain": config.workdir}
+    reuse.stage_workdirs.pretrain = config.workdir
     assert jobs.train(reuse, reuse.workdir, stages=["diffusion"], progress=False)
     assert not os.path.exists(os.path.join(reuse.workdir, "pretrain"))
     assert os.path.isdir(os.path.join(reuse.workdir, "diffusion", "checkpoints"))

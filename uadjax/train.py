@@ -325,7 +325,7 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
         ckpt.close()
         raise FileNotFoundError(
             f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
-            f"(--mode=train --stage={stage.name}, or without --stage for all stages)")
+            f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
     try:
         restored = ckpt.restore(checkpointing.abstract_like(state))
     finally:
