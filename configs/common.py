@@ -103,6 +103,9 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     e.fprs = (0.01, 0.05, 0.1)    # label-free thresholds at these healthy false-positive rates
     e.num_figures = 4             # subjects shown in the report per lesion kind
     e.baseline = True             # also evaluate the intensity-threshold baseline
+    # Splits scored; the lesion splits give Dice/AUPRC, the healthy ones the label-free
+    # thresholds at fixed FPR and the healthy false-positive volume.
+    e.splits = ("val_lesion", "test_lesion", "val_healthy", "test_healthy")
     e.seed = 0
 
     if size == "cpu":

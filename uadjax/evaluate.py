@@ -279,7 +279,8 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
     method = get_method(config.method)
     models = load_models(config, workdir)
     (split_volumes, index), score_seconds = timed(
-        score_splits, config, models, method.score_fn, progress=progress)
+        score_splits, config, models, method.score_fn, progress=progress,
+        splits=tuple(config.eval.get("splits", EVAL_SPLITS)))
     spacing = {}  # volumes are [D, H, W] = canonical (z, x, y)
     for entry in index["subjects"]:
         sx, sy, sz = (float(s) for s in entry["geometry"]["spacing_after"])
