@@ -16,10 +16,12 @@ the wall time of scoring per volume (compilation and data loading included).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import time
 
 import numpy as np
 from absl import app, flags
@@ -30,6 +32,8 @@ _ROWS = flags.DEFINE_list("rows", None, "Row labels to run (default: all).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _ROOT = flags.DEFINE_string("root", "runs/table", "Where runs and the table go.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the table.")
+_REVERSE = flags.DEFINE_bool("reverse", False, "Take the runs in reverse order (for a second "
+                             "process sharing the work).")
 
 KINDS = ("tumour", "stroke", "ms")
 
@@ -71,11 +75,53 @@ def load_config(spec: str, extra: str = ""):
     return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
+class Busy(Exception):
+    """Another seed_table process is working on this run."""
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+    """Exclusive use of a run folder among concurrent seed_table processes (a lock file
+    holding the owner's pid; a lock left by a dead process is taken over)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".seed_table.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    os.kill(int(f.read().strip() or 0), 0)
+                raise Busy(workdir) from None
+            except (ProcessLookupError, ValueError):
+                os.remove(path)  # stale: its owner is gone
+    else:
+        raise Busy(workdir)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        os.remove(path)
+
+
 def run_row(row: Row, seed: int, root: str) -> str:
-    """Trains (or resumes) the row's config with `seed` and evaluates it; returns results path."""
+    """Trains (or resumes) the row's config with `seed` and evaluates it; returns results path.
+
+    Raises Busy when another process holds the run.
+    """
+    workdir = os.path.join(root, row.config_name(), f"seed{seed}")
+    results = os.path.join(workdir, row.eval_dir_name(), "results.json")
+    if os.path.exists(results):
+        return results
+    with run_lock(workdir):
+        return _train_and_evaluate(row, seed, workdir)
+
+
+def _train_and_evaluate(row: Row, seed: int, workdir: str) -> str:
     from uadjax import jobs
 
-    workdir = os.path.join(root, row.config_name(), f"seed{seed}")
     out_dir = os.path.join(workdir, row.eval_dir_name())
     results = os.path.join(out_dir, "results.json")
     if os.path.exists(results):
@@ -147,13 +193,24 @@ def main(argv):
     root = _ROOT.value
     failures = []
     if not _AGGREGATE_ONLY.value:
-        for seed in seeds:  # seed-major: a partial table already has every row once
-            for row in rows:
+        # Seed-major, so a partial table already has every row once. Several processes may
+        # share the work: a run another process holds is skipped and revisited later.
+        pending = [(seed, row) for seed in seeds for row in rows]
+        if _REVERSE.value:
+            pending.reverse()
+        while pending:
+            busy = []
+            for seed, row in pending:
                 try:
                     print(f"== {row.label} seed {seed}: {run_row(row, seed, root)}", flush=True)
+                except Busy:
+                    busy.append((seed, row))
                 except Exception as e:  # noqa: BLE001 - report and go on with the other rows
                     failures.append(f"{row.label} seed {seed}: {type(e).__name__}: {e}")
                     print("FAILED", failures[-1], flush=True)
+            if busy and len(busy) == len(pending):
+                time.sleep(30)
+            pending = busy
     table, data = aggregate(ROWS + EXTRA_ROWS if _AGGREGATE_ONLY.value else rows, seeds, root)
     atomic.write_text(os.path.join(root, "table.md"), table + "\n")
     atomic.write_json(os.path.join(root, "table.json"), data)
