@@ -97,8 +97,11 @@ def run_lock(workdir: str):
                 with open(path) as f:
                     os.kill(int(f.read().strip() or 0), 0)
                 raise Busy(workdir) from None
-            except (ProcessLookupError, ValueError):
-                os.remove(path)  # stale: its owner is gone
+            except PermissionError:  # the pid is alive (another user's process)
+                raise Busy(workdir) from None
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale: its owner is gone
     else:
         raise Busy(workdir)
     try:
@@ -140,11 +143,13 @@ def _train_and_evaluate(row: Row, seed: int, workdir: str) -> str:
     return results
 
 
-def summarise(values: list[float]) -> str:
+def summarise(values: list[float], num_runs: int) -> str:
+    """Mean ± sample std in percent; '(n=k)' when only k of the row's runs have the value."""
     if not values:
         return "-"
-    values = 100.0 * np.asarray(values)
-    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.1f}"
+    arr = 100.0 * np.asarray(values)
+    text = f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
+    return text if len(arr) == num_runs else f"{text} (n={len(arr)})"
 
 
 def aggregate(rows, seeds, root: str) -> tuple[str, dict]:
@@ -179,7 +184,8 @@ def aggregate(rows, seeds, root: str) -> tuple[str, dict]:
     for label, entry in data.items():
         cells = [label, str(len(entry["seeds"]))]
         for kind in KINDS:
-            cells += [summarise(entry[kind]["dice"]), summarise(entry[kind]["auprc"])]
+            n = len(entry["seeds"])
+            cells += [summarise(entry[kind]["dice"], n), summarise(entry[kind]["auprc"], n)]
         spv = entry["seconds_per_volume"]
         cells.append(f"{np.mean(spv):.2f}" if spv else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -248,9 +248,9 @@ def test_autoencoder_options_and_bad_values():
     model = ae.METHOD.stages[0].make_model(config, nnx.Rngs(0))
     out = jax.jit(lambda x: model(x))(jnp.zeros((2, 16, 16, 1)))
     assert out["reconstruction"].shape == (2, 16, 16, 1) and out["z"].shape == (2, 4, 4, 16)
-    fields = dict(name="conv_autoencoder", image_size=(16, 16), in_channels=2,
-                  channels=(4, 8), latent_dim=8, downsample="avgpool",
-                  activation="leaky_relu", convs_per_level=2)
+    fields = {"name": "conv_autoencoder", "image_size": (16, 16), "in_channels": 2,
+                  "channels": (4, 8), "latent_dim": 8, "downsample": "avgpool",
+                  "activation": "leaky_relu", "convs_per_level": 2}
     model = make_model(fields, seed=0)
     rec = jax.jit(lambda x: model(x)["reconstruction"])(jnp.zeros((2, 16, 16, 2)))
     assert rec.shape == (2, 16, 16, 2)

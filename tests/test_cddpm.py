@@ -33,7 +33,7 @@ def _randomise(module, seed=0, scale=0.2):
 
 def _tiny_unet(cond_dim):
     cfg = default_unet_config()
-    cfg.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_head_channels=8,
+    cfg.update(base_channels=8, channel_mult=(1,), num_res_blocks=1, num_head_channels=8,
                cond_dim=cond_dim)
     return make_model(cfg, rngs=nnx.Rngs(0))
 
@@ -79,9 +79,14 @@ def test_zeroed_condition_embedding_gives_the_unconditioned_network():
                                    np.asarray(_apply(plain, x, t)), atol=1e-5)
 
 
-def test_sparse_encoder_ignores_masked_units():
-    encoder = ResNetEncoder(stem_channels=8, stem_kernel=3, stage_widths=(8, 16, 16),
-                            stage_blocks=(1, 1, 1), bottleneck=False, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_sparse_encoder_ignores_masked_units(kind):
+    if kind == "basic":
+        encoder = ResNetEncoder(stem_channels=8, stem_kernel=3, stage_widths=(8, 16, 16),
+                                stage_blocks=(1, 1, 1), bottleneck=False, rngs=nnx.Rngs(0))
+    else:  # ResNet-50's layout (7x7 stem, max-pool, bottlenecks, projection shortcuts), narrow
+        encoder = ResNetEncoder(stem_channels=8, stem_kernel=7, stage_widths=(4, 8, 8),
+                                stage_blocks=(2, 1, 1), bottleneck=True, rngs=nnx.Rngs(0))
     _randomise(encoder, scale=0.3)
     assert encoder.downsample == 16
     x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 1))
@@ -153,33 +158,56 @@ def _encoder_params(module):
     return jax.tree.leaves(nnx.state(module.encoder, nnx.Param))
 
 
+def _stage_encoder(config, workdir, stage):
+    method = get_method("cddpm")
+    return _encoder_params(train.load_stage_models(config, workdir, method.stage(stage)))
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_two_stage_run_end_to_end(tiny_run, tmp_path):
     config = _tiny_config(tiny_run, tmp_path / "full")
+    config.stage_train.pretrain.num_steps = 1  # a per-stage override of the step count
+    config.train.learning_rate = 0.0  # stage 2 keeps its initial weights: checkable below
     results = jobs.run_all(config, config.workdir, progress=False)
-    for stage in ("pretrain", "diffusion"):
-        assert os.path.isdir(os.path.join(config.workdir, stage, "checkpoints"))
+    steps = {stage: sorted(int(d) for d in os.listdir(
+        os.path.join(config.workdir, stage, "checkpoints")) if d.isdigit())
+        for stage in ("pretrain", "diffusion")}
+    assert steps["pretrain"][-1] == 1 and steps["diffusion"][-1] == 2
     for kind, entry in results["results"]["cddpm"]["kinds"].items():
         assert np.isfinite(entry["val"]["per_volume"]["dice"]["mean"]), kind
     with open(os.path.join(config.workdir, "eval", "results.json")) as f:
         assert json.load(f)["timing"]["seconds_per_volume"] > 0
 
-    # Stage 2 starts from the pre-trained encoder.
-    method = get_method("cddpm")
-    pretrained = train.load_stage_models(config, config.workdir, method.stage("pretrain"))
-    fresh = method.stage("diffusion").make_model(config, nnx.Rngs(config.seed))
-    method.stage("diffusion").init_from(fresh, {"pretrain": pretrained})
-    for a, b in zip(_encoder_params(fresh), _encoder_params(pretrained)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The trainer started stage 2 from the pre-trained encoder (lr 0 kept it there).
+    pretrained = _stage_encoder(config, config.workdir, "pretrain")
+    _assert_same(_stage_encoder(config, config.workdir, "diffusion"), pretrained)
 
-    # The second stage alone, reusing the encoder pre-trained in the first run.
+    # Another run reusing that pre-training: only stage 2 is trained there, from the reused
+    # encoder, and evaluation needs no pre-training checkpoint of its own.
     reuse = _tiny_config(tiny_run, tmp_path / "reuse")
+    reuse.train.learning_rate = 0.0
     reuse.stage_workdirs.pretrain = config.workdir
-    assert jobs.train(reuse, reuse.workdir, stages=["diffusion"], progress=False)
+    assert jobs.train(reuse, reuse.workdir, progress=False)
     assert not os.path.exists(os.path.join(reuse.workdir, "pretrain"))
-    assert os.path.isdir(os.path.join(reuse.workdir, "diffusion", "checkpoints"))
+    _assert_same(_stage_encoder(reuse, reuse.workdir, "diffusion"), pretrained)
+    jobs.evaluate(reuse, reuse.workdir, progress=False)
+    with pytest.raises(ValueError, match="stage_workdirs"):
+        jobs.train(reuse, reuse.workdir, stages=["pretrain"], progress=False)
 
 
-def test_second_stage_alone_needs_the_first(tiny_run, tmp_path):
+def test_second_stage_needs_a_finished_first(tiny_run, tmp_path):
     config = _tiny_config(tiny_run, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="pretrain"):
+        jobs.train(config, config.workdir, stages=["diffusion"], progress=False)
+    # A pre-training stopped at step 1 of 3 (killed): stage 2 refuses to start from it.
+    config.stage_train.pretrain.num_steps = 3
+    stage = get_method("cddpm").stage("pretrain")
+    data = jobs.make_train_data(train.stage_config(config, "pretrain"), stage)
+    out = train.train_stage(stage, config, config.workdir, data, stop_at_step=1, progress=False)
+    assert not out["finished"]
+    with pytest.raises(RuntimeError, match="step 1 of 3"):
         jobs.train(config, config.workdir, stages=["diffusion"], progress=False)

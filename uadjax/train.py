@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -314,19 +315,33 @@ def _validate(eval_fn, state, val_batches, mesh, base_key) -> dict:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True) -> nnx.Module:
-    """Rebuilds a trained stage's networks from its latest checkpoint (EMA params by default)."""
+def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True,
+                      require_finished: bool = False) -> nnx.Module:
+    """Rebuilds a trained stage's networks from its latest checkpoint (EMA params by default).
+
+    The optimiser state is restored with the structure of the optimiser the checkpoint was
+    trained with (its saved config), so a stage trained elsewhere under another recipe loads.
+
+    Raises:
+      FileNotFoundError: the stage has no checkpoint.
+      RuntimeError: `require_finished` and the checkpoint is short of the stage's steps.
+    """
     config = stage_config(config, stage.name)
-    tx = make_optimizer(config.train)
-    graphdef, state = init_state(stage, config, tx, seed=config.seed)
     directory = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
     ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(
-            f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
-            f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
     try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
+                f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
+        saved_train = _saved_train_config(ckpt)
+        train_cfg = ml_collections.ConfigDict(saved_train) if saved_train else config.train
+        if require_finished and step < int(train_cfg.num_steps):
+            raise RuntimeError(
+                f"stage {stage.name!r} in {directory} stopped at step {step} of "
+                f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
+        graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
         restored = ckpt.restore(checkpointing.abstract_like(state))
     finally:
         ckpt.close()
@@ -354,19 +369,38 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
     if stages is not None and set(stages) - set(wanted):
         raise ValueError(f"stages {sorted(set(stages) - set(wanted))} are not trained by this "
                          f"config; its stages: {[s.name for s in active]}")
+    external = [s.name for s in active if s.name in wanted and _is_external(config, workdir, s.name)]
+    if stages is not None and external:
+        raise ValueError(f"stages {external} are loaded from config.stage_workdirs, not "
+                         "trained in this run; train them in their own run folder")
     earlier: dict[str, nnx.Module] = {}
     for stage in active:
         if not wanted:
             break
-        source = stage_workdir(config, workdir, stage.name)
         if stage.name in wanted:
             wanted.remove(stage.name)
-            if source == workdir:
+            if not _is_external(config, workdir, stage.name):
                 out = train_stage(stage, config, workdir,
                                   make_data(stage_config(config, stage.name), stage),
                                   earlier=earlier, progress=progress)
                 if not out["finished"]:
                     return False
-        if wanted:  # a later stage may start from this one
-            earlier[stage.name] = load_stage_models(config, source, stage)
+        if wanted:  # a later stage starts from this one: it must be complete
+            earlier[stage.name] = load_stage_models(
+                config, stage_workdir(config, workdir, stage.name), stage,
+                require_finished=True)
     return True
+
+
+def _saved_train_config(ckpt) -> dict | None:
+    """The `train` section saved with the latest checkpoint (None for checkpoints saved
+    without a config)."""
+    try:
+        return ckpt.restore_config().get("train")
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def _is_external(config, workdir: str, stage_name: str) -> bool:
+    source = stage_workdir(config, workdir, stage_name)
+    return os.path.realpath(source) != os.path.realpath(workdir)

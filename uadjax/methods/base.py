@@ -58,15 +58,24 @@ class Method:
       name: the config name (`config.method`).
       stages: training stages in order; a later stage may start from earlier ones.
       score_fn: pure, jit-able anomaly score of a batch of slices.
+      score_stages: the stages whose networks `score_fn` reads (None: every active stage);
+        a pre-training stage used only to initialise a later one is left out, so scoring
+        and prediction never load it.
     """
 
     name: str
     stages: tuple[Stage, ...]
     score_fn: ScoreFn
+    score_stages: tuple[str, ...] | None = None
 
     def active_stages(self, config) -> tuple[Stage, ...]:
         """The stages this config trains, in order."""
         return tuple(s for s in self.stages if s.is_enabled(config))
+
+    def scoring_stages(self, config) -> tuple[Stage, ...]:
+        """The active stages whose networks the score reads."""
+        return tuple(s for s in self.active_stages(config)
+                     if self.score_stages is None or s.name in self.score_stages)
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

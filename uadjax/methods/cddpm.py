@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uadjax import diffusion
 from uadjax.methods import ddpm
 from uadjax.methods.base import Method, Stage
 from uadjax.models import make_model
@@ -72,18 +71,10 @@ def pretrain_loss_fn(model: SparKPretrainer, batch, key, config):
 
 def diffusion_loss_fn(model: ConditionedDenoiser, batch, key, config):
     """DDPM loss of the conditioned UNet; the encoder is trained through c."""
-    dcfg = config.diffusion
-    schedule = ddpm.make_schedule(config)
-    image = batch["image"]
-    cond = model.condition(image)
-    x0 = ddpm.to_model_range(image)
-    k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t = ddpm.sample_train_t(k_t, x0.shape[0], dcfg)
-    noise = ddpm.make_noise_fn(dcfg)(k_noise, x0.shape)
-    x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
-    prediction = model(x_t, t, cond, deterministic=False, rngs=nnx.Rngs(dropout=k_drop))
-    target = diffusion.target_for(dcfg.prediction, x0, noise, schedule, t)
-    return diffusion.diffusion_loss(prediction, target, kind=dcfg.loss), {}
+    cond = model.condition(batch["image"])
+    return ddpm.denoising_loss(
+        lambda x_t, t, rngs: model(x_t, t, cond, deterministic=False, rngs=rngs),
+        batch, key, config)
 
 
 def init_from_pretraining(model: ConditionedDenoiser, earlier: dict) -> None:
@@ -111,4 +102,5 @@ METHOD = Method(
               init_from=init_from_pretraining),
     ),
     score_fn=score_fn,
+    score_stages=("diffusion",),
 )

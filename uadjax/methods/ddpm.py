@@ -66,8 +66,12 @@ def make_unet(config, rngs: nnx.Rngs) -> nnx.Module:
     return make_model(config.model, rngs=rngs)
 
 
-def loss_fn(model, batch, key, config):
-    """Denoising loss on a batch of healthy slices -> (loss, metrics)."""
+def denoising_loss(apply_fn, batch, key, config):
+    """The DDPM training loss of a batch of healthy slices -> (loss, metrics).
+
+    apply_fn(x_t [B, H, W, C], t [B], rngs) -> the network's prediction in training mode
+    (dropout drawn from `rngs`); conditioned methods close over their condition.
+    """
     dcfg = config.diffusion
     schedule = make_schedule(config)
     x0 = to_model_range(batch["image"])
@@ -75,13 +79,19 @@ def loss_fn(model, batch, key, config):
     t = sample_train_t(k_t, x0.shape[0], dcfg)
     noise = make_noise_fn(dcfg)(k_noise, x0.shape)
     x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
-    prediction = model(x_t, t, deterministic=False, rngs=nnx.Rngs(dropout=k_drop))
+    prediction = apply_fn(x_t, t, nnx.Rngs(dropout=k_drop))
     target = diffusion.target_for(dcfg.prediction, x0, noise, schedule, t)
     mask = None
     if dcfg.get("loss_in_brain", False):
         mask = batch["brain_mask"][..., None].astype(jnp.float32)
     loss = diffusion.diffusion_loss(prediction, target, kind=dcfg.loss, mask=mask)
     return loss, {}
+
+
+def loss_fn(model, batch, key, config):
+    """Denoising loss of the unconditioned UNet -> (loss, metrics)."""
+    return denoising_loss(
+        lambda x_t, t, rngs: model(x_t, t, deterministic=False, rngs=rngs), batch, key, config)
 
 
 def reconstruct(model_fn, x0, key, config):

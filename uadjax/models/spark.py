@@ -1,12 +1,14 @@
 """SparK masked image modelling for a ResNet encoder (Tian et al. 2023; cDDPM stage 1).
 
 The encoder sees only the visible mask units (sparse execution, see `resnet.py`). Its stage
-features are "densified": masked positions are filled with a learned mask token per scale,
-then projected (1x1 conv at the coarsest scale, 3x3 elsewhere) to the light decoder's width.
+features are "densified": normalised over the visible positions (SparK's sparse BatchNorm,
+here a masked GroupNorm), masked positions filled with a learned mask token per scale, then
+projected (1x1 conv at the coarsest scale, 3x3 elsewhere) to the light decoder's width.
 The decoder starts from the coarsest scale and upsamples by 2 per stage (transposed conv
 k4 s2, then two conv3x3-norm-ReLU6), adding the projected feature of each matching scale,
 and ends with a 1x1 conv to the image channels. The loss is the mean squared error on the
 masked units only (`masked_reconstruction_loss`), without per-patch normalisation.
+Left out: the encoder's drop-path (timm drop_path_rate 0.05), a regulariser of long runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uadjax.models.layers import GroupNorm32, conv, torch_kernel_init
-from uadjax.models.resnet import ResNetEncoder, unit_mask_at
+from uadjax.models.resnet import MaskedGroupNorm, ResNetEncoder, unit_mask_at
 
 
 def random_unit_mask(key: jax.Array, batch: int, grid: tuple[int, int],
@@ -75,6 +77,7 @@ class SparKPretrainer(nnx.Module):
         self.mask_tokens = nnx.List([
             nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (c,)))
             for c in coarse_first])
+        self.densify_norms = nnx.List([MaskedGroupNorm(c, rngs=rngs) for c in coarse_first])
         self.projections = nnx.List([
             conv(c, widths[i], 1 if i == 0 else 3, rngs=rngs) for i, c in enumerate(coarse_first)])
         self.decoder = nnx.List([UpBlock(widths[i], widths[i + 1], rngs=rngs)
@@ -89,6 +92,7 @@ class SparKPretrainer(nnx.Module):
             if i < len(features):
                 f = features[i]
                 visible = unit_mask_at(active, f.shape[1:3])
+                f = self.densify_norms[i](f, visible)
                 dense = f * visible + self.mask_tokens[i][...] * (1.0 - visible)
                 projected = self.projections[i](dense)
                 h = projected if h is None else h + projected
