@@ -1,6 +1,6 @@
 """Throughput of a method's jitted train step and score function on random batches.
 
-    python -m benchmarks.train_and_score --config=configs/ddpm.py:cpu [--steps 10]
+    python -m benchmarks.train_and_score --config=configs/ddpm.py:cpu [--steps 10] [--notrain]
 
 Prints compile time and steady-state slices/s for training (forward + backward + Adam +
 EMA, state donated) and for scoring (the method's score_fn, as evaluation runs it), on all
@@ -22,6 +22,8 @@ from uadjax.methods import get_method
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ddpm.py:cpu", "Method config.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after the warm-up.")
+_TRAIN = flags.DEFINE_bool("train", True, "Also time the train step of every stage (else "
+                           "the score runs on freshly initialised networks).")
 
 
 def _batch(config, batch_size: int, rng: np.random.Generator) -> dict:
@@ -53,12 +55,16 @@ def main(_):
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
     models = {}
     for stage in method.active_stages(config):
-        tx = train.make_optimizer(config.train)
-        graphdef, state = train.init_state(stage, config, tx, seed=0)
+        cfg = train.stage_config(config, stage.name)
+        tx = train.make_optimizer(cfg.train)
+        graphdef, state = train.init_state(stage, cfg, tx, seed=0)
+        if not _TRAIN.value:
+            models[stage.name] = train.merge(graphdef, state["params"], state["rest"])
+            continue
         state = parallel.replicate(state, mesh)
-        step = jax.jit(train.make_train_step(stage, graphdef, tx, config,
+        step = jax.jit(train.make_train_step(stage, graphdef, tx, cfg,
                                              base_key=jax.random.key(0)), donate_argnums=(0,))
-        batch = parallel.to_global(_batch(config, config.train.batch_size, rng), mesh)
+        batch = parallel.to_global(_batch(cfg, cfg.train.batch_size, rng), mesh)
         holder = {"state": state}
 
         def run_step(holder=holder, step=step, batch=batch):
@@ -66,10 +72,11 @@ def main(_):
             return metrics["loss"]
 
         compile_s, dt = _time(run_step, _STEPS.value)
-        print(f"train/{stage.name}: batch {config.train.batch_size}, compile {compile_s:.1f} s, "
-              f"{dt * 1000:.0f} ms/step, {config.train.batch_size / dt:.0f} slices/s")
+        print(f"train/{stage.name}: batch {cfg.train.batch_size}, compile {compile_s:.1f} s, "
+              f"{dt * 1000:.0f} ms/step, {cfg.train.batch_size / dt:.0f} slices/s")
         models[stage.name] = train.merge(graphdef, holder["state"]["ema_params"],
                                          holder["state"]["rest"])
+    models = {s.name: models[s.name] for s in method.scoring_stages(config)}
 
     @jax.jit
     def score(batch, key):
