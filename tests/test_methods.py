@@ -6,23 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_methods import Halver, random_batch
 
 from configs import ddpm as ddpm_configs
 from configs import threshold as threshold_configs
 from uadjax import diffusion
 from uadjax.methods import available_methods, ddpm, get_method, threshold
-
-
-def _batch(rng, b=2, size=16, channels=1):
-    return {"image": jnp.asarray(rng.random((b, size, size, channels)), jnp.float32),
-            "brain_mask": jnp.ones((b, size, size), jnp.uint8)}
-
-
-class Halver:
-    """Stand-in network: x0 estimate = x_t / 2 (deterministic, no parameters)."""
-
-    def __call__(self, x_t, t, *args, **kwargs):
-        return x_t * 0.5
 
 
 def test_registry():
@@ -34,7 +23,7 @@ def test_registry():
 
 def test_single_step_ensemble_equals_a_loop():
     config = ddpm_configs.get_config("tiny,ens")
-    batch = _batch(np.random.default_rng(0))
+    batch = random_batch(np.random.default_rng(0))
     key = jax.random.key(3)
     out = ddpm.score_fn({"diffusion": Halver()}, batch, key, config)
     schedule = ddpm.make_schedule(config)
@@ -54,7 +43,7 @@ def test_single_step_ensemble_equals_a_loop():
 def test_partial_diffusion_mode_runs_the_chain():
     config = ddpm_configs.get_config("tiny,anoddpm")
     config.diffusion.partial_t_start = 5
-    batch = _batch(np.random.default_rng(1))
+    batch = random_batch(np.random.default_rng(1))
     out = ddpm.score_fn({"diffusion": Halver()}, batch, jax.random.key(0), config)
     assert out["score"].shape == (2, 16, 16)
     assert np.isfinite(np.asarray(out["score"])).all()
@@ -68,7 +57,7 @@ def test_loss_uses_the_configured_t_range_and_noise():
     config = ddpm_configs.get_config("tiny")
     config.diffusion.train_t_range = (10, 10)
     key = jax.random.key(0)
-    batch = _batch(np.random.default_rng(2))
+    batch = random_batch(np.random.default_rng(2))
     loss, _ = ddpm.loss_fn(Halver(), batch, key, config)
     x0 = batch["image"] * 2 - 1
     _, k_noise, _ = jax.random.split(key, 3)
@@ -80,7 +69,7 @@ def test_loss_uses_the_configured_t_range_and_noise():
 
 def test_threshold_score_is_the_intensity():
     config = threshold_configs.get_config("tiny")
-    batch = _batch(np.random.default_rng(3), channels=2)
+    batch = random_batch(np.random.default_rng(3), channels=2)
     out = threshold.score_fn({}, batch, None, config)
     np.testing.assert_allclose(out["score"], np.mean(batch["image"], axis=-1))
 

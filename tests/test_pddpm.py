@@ -9,23 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers_methods import Halver, random_batch
 
 from configs import pddpm as pddpm_configs
 from uadjax import diffusion
 from uadjax.methods import ddpm, get_method, pddpm
 from uadjax.models import make_model
-
-
-def _batch(rng, b=2, size=16, channels=1):
-    return {"image": jnp.asarray(rng.random((b, size, size, channels)), jnp.float32),
-            "brain_mask": jnp.ones((b, size, size), jnp.uint8)}
-
-
-class Halver:
-    """Stand-in network: x0 estimate = x_t / 2 (deterministic, no parameters)."""
-
-    def __call__(self, x_t, t, *args, **kwargs):
-        return x_t * 0.5
 
 
 class Recorder(Halver):
@@ -110,7 +99,7 @@ def _training_config():
 
 def test_training_noises_exactly_one_grid_box():
     config = _training_config()
-    batch = _batch(np.random.default_rng(0), b=8)
+    batch = random_batch(np.random.default_rng(0), b=8)
     x0 = np.asarray(batch["image"] * 2 - 1)
     model = Recorder()
     pddpm.loss_fn(model, batch, jax.random.key(1), config)
@@ -123,7 +112,7 @@ def test_training_noises_exactly_one_grid_box():
 
 def test_loss_ignores_predictions_outside_the_box():
     config = _training_config()
-    batch = _batch(np.random.default_rng(1), b=4)
+    batch = random_batch(np.random.default_rng(1), b=4)
     key = jax.random.key(2)
     x0 = batch["image"] * 2 - 1
 
@@ -182,7 +171,7 @@ def test_patch_sweep_matches_a_loop(tiny_unet, variant, stride, chunk):
     config = pddpm_configs.get_config(variant)
     if stride is not None:
         config.patch.stride = stride  # includes a last position flush with the border
-    batch = _batch(np.random.default_rng(4), b=2)
+    batch = random_batch(np.random.default_rng(4), b=2)
     key = jax.random.key(5)
 
     def score(cfg):
@@ -206,7 +195,7 @@ def test_patch_sweep_matches_a_loop(tiny_unet, variant, stride, chunk):
 def test_l2_residual():
     config = pddpm_configs.get_config("tiny")
     config.diffusion.residual = "l2"
-    batch = _batch(np.random.default_rng(6))
+    batch = random_batch(np.random.default_rng(6))
     out = pddpm.score_fn({"diffusion": Halver()}, batch, jax.random.key(0), config)
     np.testing.assert_allclose(out["score"],
                                ((batch["image"] - out["reconstruction"]) ** 2)[..., 0],
