@@ -10,18 +10,35 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A tiny phantom, its shards and a 2-step DDPM run, evaluated (shared by several tests).
+def tiny_data(tmp_path_factory):
+    """One tiny phantom and its shards, shared by every end-to-end test of the session.
+
+    Returns the `data` ConfigDict of the tiny configs with `phantom_dir` and `data_dir` set
+    (shards of other modality lists go to their own builder folder under the same data_dir).
+    """
+    from configs import ddpm
+    from uadjax import jobs
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    config = ddpm.get_config("tiny")
+    config.data.phantom_dir = str(root / "phantom")
+    config.data.data_dir = str(root / "shards")
+    jobs.ensure_shards(config, progress=False)
+    return config.data
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """A 2-step DDPM run on the tiny phantom, evaluated (shared by several tests).
 
     Returns the ConfigDict of the run (paths inside a session temporary folder).
     """
     from configs import ddpm
     from uadjax import jobs
 
-    root = tmp_path_factory.mktemp("tiny_run")
     config = ddpm.get_config("tiny")
-    config.data.phantom_dir = str(root / "phantom")
-    config.data.data_dir = str(root / "shards")
-    config.workdir = str(root / "run")
+    config.data.phantom_dir = tiny_data.phantom_dir
+    config.data.data_dir = tiny_data.data_dir
+    config.workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
     jobs.run_all(config, config.workdir, progress=False)
     return config

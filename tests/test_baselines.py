@@ -265,19 +265,6 @@ def test_autoencoder_options_and_bad_values():
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """One tiny phantom and its shards, shared by the three end-to-end runs."""
-    from uadjax import jobs
-
-    root = tmp_path_factory.mktemp("baselines")
-    config = ae_configs.get_config("tiny")
-    config.data.phantom_dir = str(root / "phantom")
-    config.data.data_dir = str(root / "shards")
-    jobs.ensure_shards(config, progress=False)
-    return config.data
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ae", "vae", "dae"])
 def test_one_step_end_to_end(name, tiny_data, tmp_path):

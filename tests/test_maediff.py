@@ -373,14 +373,14 @@ def test_config_variants():
                         tiny)
 
 
-def test_tiny_end_to_end(tmp_path):
+def test_tiny_end_to_end(tiny_data, tmp_path):
     from uadjax import jobs
 
     config = _one_level(maediff_configs.get_config("tiny"))
     config.train.num_steps = 1
     config.train.val_every_steps = 0
-    config.data.phantom_dir = str(tmp_path / "phantom")
-    config.data.data_dir = str(tmp_path / "shards")
+    config.data.phantom_dir = tiny_data.phantom_dir
+    config.data.data_dir = tiny_data.data_dir
     workdir = str(tmp_path / "run")
     jobs.run_all(config, workdir, progress=False)
     with open(os.path.join(workdir, "eval", "results.json")) as f:
