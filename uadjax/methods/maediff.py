@@ -38,7 +38,6 @@ from flax import nnx
 
 from uadjax import diffusion
 from uadjax.inference.patches import box_masks, patch_positions
-from uadjax.inference.sweep import sweep, weighted_mean
 from uadjax.methods.base import Method, Stage
 from uadjax.methods.ddpm import (
     make_noise_fn,
@@ -47,7 +46,12 @@ from uadjax.methods.ddpm import (
     sample_train_t,
     to_model_range,
 )
-from uadjax.methods.pddpm import LOSS_REDUCTIONS, noise_patch, sample_boxes, stitch
+from uadjax.methods.pddpm import (
+    LOSS_REDUCTIONS,
+    noise_patch,
+    patch_sweep_reconstruct,
+    sample_boxes,
+)
 from uadjax.models import make_model
 
 # ------------------------------------------------------------------------------------------
@@ -175,38 +179,22 @@ def loss_fn(model, batch, key, config):
 def reconstruct(model, x0, key, config):
     """Sliding-patch reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1].
 
-    The T x P variants (t, sliding position) run as one `sweep`; results [T, P, B, H, W, C]
-    are averaged over overlapping positions with coverage weights, then over T.
+    pDDPM's sweep over (t, position) (`pddpm.patch_sweep_reconstruct`) on the sliding
+    positions, each prediction given the visible cells of its patch; overlapping positions
+    are averaged with coverage weights, then the T values.
     """
     _check_config(config)
-    dcfg, pcfg = config.diffusion, config.patch
-    schedule = make_schedule(config)
-    noise_fn = make_noise_fn(dcfg)
+    pcfg = config.patch
     batch_size = x0.shape[0]
     image_hw = x0.shape[1:3]
     corners = sliding_corners(image_hw, pcfg)  # [P, 2] numpy
     masks = box_masks(corners, image_hw, pcfg.size).astype(jnp.float32)  # [P, H, W]
     visible = visible_tokens(corners, image_hw, pcfg)  # [P, Nv]
-    timesteps = jnp.asarray(dcfg.test_timesteps, jnp.int32)  # [T]
-    num_t, num_p = timesteps.shape[0], corners.shape[0]
-    # One noise map per t shared by every position (pDDPM): [T, B, H, W, C].
-    noises = jnp.stack([noise_fn(k, x0.shape) for k in jax.random.split(key, num_t)])
-    t_index, p_index = jnp.meshgrid(jnp.arange(num_t), jnp.arange(num_p), indexing="ij")
 
-    def one_variant(variant):
-        ti, pi = variant
-        t = jnp.full((batch_size,), timesteps[ti], jnp.int32)
-        mask = masks[pi][None, :, :, None]
-        x_t = noise_patch(schedule, x0=x0, t=t, noise=noises[ti], mask=mask)
-        vis = jnp.broadcast_to(visible[pi], (batch_size, visible.shape[1]))
-        x0_hat = diffusion.to_x0(schedule, prediction=model(x_t, t, vis), x_t=x_t, t=t,
-                                 prediction_type=dcfg.prediction)
-        return x0_hat * mask
+    def predict(x_t, t, position):
+        return model(x_t, t, jnp.broadcast_to(visible[position], (batch_size, visible.shape[1])))
 
-    preds = sweep(one_variant, (t_index.reshape(-1), p_index.reshape(-1)),
-                  chunk_size=dcfg.get("sweep_chunk", None))  # [T * P, B, H, W, C]
-    preds = preds.reshape((num_t, num_p) + x0.shape)
-    return weighted_mean(stitch(preds, masks))
+    return patch_sweep_reconstruct(predict, x0, masks, key, config)
 
 
 def score_fn(models, batch, key, config):

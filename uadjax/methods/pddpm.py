@@ -134,17 +134,22 @@ def stitch(patch_predictions, masks):
     return jnp.sum(patch_predictions, axis=-5) / coverage
 
 
-def reconstruct(model, x0, key, config):
-    """Patch-wise reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1].
+def patch_sweep_reconstruct(predict, x0, masks, key, config):
+    """Single-step reconstruction of every patch at every test t, stitched and averaged.
 
-    The T x P variants (t, patch) run as one `sweep`; results [T, P, B, H, W, C] are
-    stitched over P and averaged over T.
+    Args:
+      predict: (x_t [B, H, W, C], t [B] int32, patch index [] int32) -> network prediction.
+      x0: [B, H, W, C] in [-1, 1].
+      masks: [P, H, W] patch masks whose union covers the image.
+      key: PRNG key of the noise (one map per t, shared by every patch position).
+      config: `diffusion.test_timesteps`, `diffusion.sweep_chunk` and the schedule fields.
+    Returns:
+      [B, H, W, C] in [-1, 1]: the T x P variants run as one `sweep`; results
+      [T, P, B, H, W, C] are averaged over overlapping patches, then over T.
     """
-    dcfg, pcfg = config.diffusion, config.patch
+    dcfg = config.diffusion
     schedule = make_schedule(config)
     noise_fn = make_noise_fn(dcfg)
-    image_hw = x0.shape[1:3]
-    masks = jnp.asarray(patch_masks(image_hw, pcfg.size, pcfg.stride))  # [P, H, W]
     timesteps = jnp.asarray(dcfg.test_timesteps, jnp.int32)  # [T]
     num_t, num_p = timesteps.shape[0], masks.shape[0]
     # One noise map per t, shared by every patch position (and, for shared simplex noise,
@@ -157,7 +162,7 @@ def reconstruct(model, x0, key, config):
         t = jnp.full((x0.shape[0],), timesteps[ti], jnp.int32)
         mask = masks[pi][None, :, :, None]
         x_t = noise_patch(schedule, x0=x0, t=t, noise=noises[ti], mask=mask)
-        x0_hat = diffusion.to_x0(schedule, prediction=model(x_t, t), x_t=x_t, t=t,
+        x0_hat = diffusion.to_x0(schedule, prediction=predict(x_t, t, pi), x_t=x_t, t=t,
                                  prediction_type=dcfg.prediction)
         return x0_hat * mask
 
@@ -165,6 +170,14 @@ def reconstruct(model, x0, key, config):
                   chunk_size=dcfg.get("sweep_chunk", None))  # [T * P, B, H, W, C]
     preds = preds.reshape((num_t, num_p) + x0.shape)
     return weighted_mean(stitch(preds, masks))
+
+
+def reconstruct(model, x0, key, config):
+    """Patch-wise reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1]
+    on pDDPM's patch grid (`patch_sweep_reconstruct`)."""
+    pcfg = config.patch
+    masks = jnp.asarray(patch_masks(x0.shape[1:3], pcfg.size, pcfg.stride))  # [P, H, W]
+    return patch_sweep_reconstruct(lambda x_t, t, _: model(x_t, t), x0, masks, key, config)
 
 
 def score_fn(models, batch, key, config):
