@@ -68,8 +68,20 @@ ROWS = (
     # Evaluated beside every method; read from the DDPM runs (deterministic: std 0).
     Row("intensity threshold", "ddpm:cpu,short", source="threshold"),
 )
-# Run on request (--rows=DDPM-ENS): not part of the issue's table, and 3 calls per slice.
-EXTRA_ROWS = (Row("DDPM-ENS", "ddpm:cpu,short", "ens"),)
+# Run on request (--rows=...): DDPM-ENS (not part of the first table, 3 calls per slice) and
+# the second group of methods (issues 5-8; the README reports them for seed 0 so far).
+EXTRA_ROWS = (
+    Row("DDPM-ENS", "ddpm:cpu,short", "ens"),
+    Row("DISYRE", "disyre:cpu,short"),
+    Row("DISYRE multi-step", "disyre:cpu,short", "multistep"),
+    Row("MAEDiff", "maediff:cpu,short"),
+    Row("MAEDiff (s = p grid)", "maediff:cpu,short", "grid"),
+    Row("LDM (Pinaya)", "ldm:cpu,short"),
+    Row("MMCCD (FLAIR→T2)", "mmccd:cpu,short"),
+    Row("Cyclic UNet (FLAIR→T2)", "mmccd:cpu,short,cyclic"),
+    Row("MMCCD (T1→T2)", "mmccd:cpu,short,t1-t2"),
+    Row("Cyclic UNet (T1→T2)", "mmccd:cpu,short,cyclic,t1-t2"),
+)
 
 
 def load_config(spec: str, extra: str = ""):
