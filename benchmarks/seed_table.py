@@ -156,11 +156,12 @@ def _train_and_evaluate(row: Row, seed: int, workdir: str) -> str:
 
 
 def summarise(values: list[float], num_runs: int) -> str:
-    """Mean ± sample std in percent; '(n=k)' when only k of the row's runs have the value."""
+    """Mean ± sample std in percent (the value alone for one run); '(n=k)' when only k of
+    the row's runs have the value."""
     if not values:
         return "-"
     arr = 100.0 * np.asarray(values)
-    text = f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
+    text = f"{arr.mean():.1f} ± {arr.std(ddof=1):.1f}" if len(arr) > 1 else f"{arr[0]:.1f}"
     return text if len(arr) == num_runs else f"{text} (n={len(arr)})"
 
 
