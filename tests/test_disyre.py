@@ -2,8 +2,6 @@
 against a plain loop, configs and a tiny end-to-end run."""
 
 import copy
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import nnx
-from helpers_methods import random_batch
+from helpers_methods import random_batch, run_tiny_end_to_end
 
 from configs import disyre as disyre_configs
 from uadjax.inference import sliding_window as sw
@@ -394,22 +392,9 @@ def test_1mm_config_traces_at_full_size():
 
 
 def test_tiny_end_to_end(tiny_data, tmp_path):
-    from uadjax import jobs
-
     config = disyre_configs.get_config("tiny")
     config.model.channel_mult = (1,)
-    config.train.num_steps = 1
-    config.train.val_every_steps = 0
-    config.data.phantom_dir = tiny_data.phantom_dir
-    config.data.data_dir = tiny_data.data_dir
-    workdir = str(tmp_path / "run")
-    jobs.run_all(config, workdir, progress=False)
-    with open(os.path.join(workdir, "eval", "results.json")) as f:
-        results = json.load(f)["results"]["disyre"]
-    assert results["kinds"]
-    for kind, entry in results["kinds"].items():
-        dice = entry["val"]["per_volume"]["dice"]["mean"]
-        assert np.isfinite(dice), kind
+    run_tiny_end_to_end(config, tiny_data, tmp_path / "run")
 
 
 def test_same_seed_same_corruption():

@@ -2,8 +2,6 @@
 the sliding sweep against a loop, coverage-weighted averaging, configs, a tiny run."""
 
 import copy
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers_methods import Halver, random_batch
+from helpers_methods import Halver, random_batch, run_tiny_end_to_end
 
 from configs import maediff as maediff_configs
 from uadjax import diffusion
@@ -374,19 +372,5 @@ def test_config_variants():
 
 
 def test_tiny_end_to_end(tiny_data, tmp_path):
-    from uadjax import jobs
-
     config = _one_level(maediff_configs.get_config("tiny"))
-    config.train.num_steps = 1
-    config.train.val_every_steps = 0
-    config.data.phantom_dir = tiny_data.phantom_dir
-    config.data.data_dir = tiny_data.data_dir
-    workdir = str(tmp_path / "run")
-    jobs.run_all(config, workdir, progress=False)
-    with open(os.path.join(workdir, "eval", "results.json")) as f:
-        results = json.load(f)["results"]["maediff"]
-    assert results["kinds"]
-    for kind, entry in results["kinds"].items():
-        for source in ("val", "oracle"):
-            dice = entry[source]["per_volume"]["dice"]["mean"]
-            assert np.isfinite(dice), (kind, source)
+    run_tiny_end_to_end(config, tiny_data, tmp_path / "run")

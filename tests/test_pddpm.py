@@ -1,15 +1,13 @@
 """pDDPM: patch geometry, patch-restricted training, the patch sweep against a loop, a tiny run."""
 
 import copy
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers_methods import Halver, random_batch
+from helpers_methods import Halver, random_batch, run_tiny_end_to_end
 
 from configs import pddpm as pddpm_configs
 from uadjax import diffusion
@@ -228,19 +226,5 @@ def test_config_variants():
 
 
 def test_tiny_end_to_end(tiny_data, tmp_path):
-    from uadjax import jobs
-
     config = _one_level(pddpm_configs.get_config("tiny"))
-    config.train.num_steps = 1
-    config.train.val_every_steps = 0  # the validation loss is loss_fn again: one compile less
-    config.data.phantom_dir = tiny_data.phantom_dir
-    config.data.data_dir = tiny_data.data_dir
-    workdir = str(tmp_path / "run")
-    jobs.run_all(config, workdir, progress=False)
-    with open(os.path.join(workdir, "eval", "results.json")) as f:
-        results = json.load(f)["results"]["pddpm"]
-    assert results["kinds"]
-    for kind, entry in results["kinds"].items():
-        for source in ("val", "oracle"):  # thresholds: lesion-validation and test-set best
-            dice = entry[source]["per_volume"]["dice"]["mean"]
-            assert np.isfinite(dice), (kind, source)
+    run_tiny_end_to_end(config, tiny_data, tmp_path / "run")
