@@ -45,6 +45,23 @@ def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str
     return set(modifiers) - COMMON_MODIFIERS
 
 
+# The small UNets of the cpu and tiny sizes, shared by every method built on the guided-
+# diffusion UNet (cpu: about 0.65 s per step of 16 slices at 64x64 on 2 cores, 0.74 M
+# parameters); a config applies them with `small_unet(m, size)` and keeps its own other fields.
+SMALL_UNETS = {
+    "cpu": {"base_channels": 16, "channel_mult": (1, 2, 4, 4), "num_res_blocks": 1,
+            "num_head_channels": 32},
+    "tiny": {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1,
+             "num_head_channels": 8},
+}
+
+
+def small_unet(m: ml_collections.ConfigDict, size: str) -> None:
+    """Sets the widths and depth of the `size` UNet on model config `m` (paper: unchanged)."""
+    if size in SMALL_UNETS:
+        m.update(SMALL_UNETS[size])
+
+
 def cpu_training(config: ml_collections.ConfigDict, num_steps: int = 1000) -> None:
     """The CPU training recipe shared by the method configs: few steps, so a high learning
     rate with warm-up and cosine decay, and an EMA of the weights (about 11 minutes for the

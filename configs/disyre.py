@@ -50,19 +50,10 @@ def unet_config(size: str, channels: int) -> ml_collections.ConfigDict:
     m.conv_resample = True
     m.use_timestep = True
     m.cond_dim = 0
-    if size == "cpu":
-        # The DDPM cpu UNet (configs/ddpm.py) without resblock up/down: 48 px patches.
-        m.base_channels = 16
-        m.channel_mult = (1, 2, 4, 4)
-        m.num_res_blocks = 1
+    if size in common.SMALL_UNETS:
+        # The DDPM cpu / tiny UNet without resblock up/down or attention: 48 px patches.
+        common.small_unet(m, size)
         m.attention_resolutions = ()
-        m.num_head_channels = 32
-    elif size == "tiny":
-        m.base_channels = 8
-        m.channel_mult = (1, 2)
-        m.num_res_blocks = 1
-        m.attention_resolutions = ()
-        m.num_head_channels = 8
     return m
 
 

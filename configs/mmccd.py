@@ -47,20 +47,10 @@ def unet_config(size: str, in_channels: int, use_timestep: bool) -> ml_collectio
     m.resblock_updown = True
     m.use_timestep = use_timestep   # g (and the cyclic f) are called without timesteps
     m.cond_dim = 0
-    if size == "cpu":
-        # The DDPM cpu UNet (configs/ddpm.py, 0.74 M parameters at 16 channels).
-        m.base_channels = 16
-        m.channel_mult = (1, 2, 4, 4)
-        m.num_res_blocks = 1
+    if size in common.SMALL_UNETS:
+        # The DDPM cpu / tiny UNet (0.74 M parameters at cpu size), no attention or dropout.
+        common.small_unet(m, size)
         m.attention_resolutions = ()
-        m.num_head_channels = 32
-        m.dropout = 0.0
-    elif size == "tiny":
-        m.base_channels = 8
-        m.channel_mult = (1, 2)
-        m.num_res_blocks = 1
-        m.attention_resolutions = ()
-        m.num_head_channels = 8
         m.dropout = 0.0
     return m
 
