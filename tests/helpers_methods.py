@@ -1,6 +1,9 @@
 """Small batches and stand-in networks shared by the method tests."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 
 def random_batch(rng, b=2, size=16, channels=1):
@@ -38,3 +41,13 @@ def run_tiny_end_to_end(config, tiny_data, workdir):
         for source in ("val", "oracle"):
             assert math.isfinite(entry[source]["per_volume"]["dice"]["mean"]), (kind, source)
     return results
+
+
+def perturbed(model, seed=0, scale=0.2):
+    """`model` with every parameter perturbed by N(0, scale^2): zero-initialised layers (the
+    UNet output conv, the MAE head) would otherwise make it a constant or hide what it does."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [p + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)

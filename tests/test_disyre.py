@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import nnx
-from helpers_methods import random_batch, run_tiny_end_to_end
+from helpers_methods import perturbed, random_batch, run_tiny_end_to_end
 
 from configs import disyre as disyre_configs
 from uadjax.inference import sliding_window as sw
@@ -310,14 +310,8 @@ def test_gaussian_importance_map():
 
 
 def _random_unet(config, seed=0):
-    """The tiny UNet with perturbed parameters (zero-initialised output convs would make it
-    a constant)."""
-    model = make_model(config.model, seed=seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [p + 0.2 * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+    """The tiny UNet with every parameter perturbed."""
+    return perturbed(make_model(config.model, seed=seed), seed)
 
 
 @pytest.mark.parametrize("variant,chunk", [("tiny", None), ("tiny,multistep", 2)])

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers_methods import Halver, random_batch, run_tiny_end_to_end
+from helpers_methods import Halver, perturbed, random_batch, run_tiny_end_to_end
 
 from configs import maediff as maediff_configs
 from uadjax import diffusion
@@ -23,16 +23,6 @@ def _one_level(config):
     a 4 px cell is 4 x 4 features): the method's logic is under test, and it compiles fast."""
     config.model.channel_mult = (1,)
     return config
-
-
-def _perturbed(model, seed=0, scale=0.2):
-    """Every parameter perturbed: zero-initialised layers (UNet output conv, MAE head) would
-    otherwise hide what the network computes."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [p + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
 
 
 def _visible_by_loop(corner, image_hw, p, r):
@@ -102,7 +92,7 @@ def mae_module():
     module = mae_models.MAEModule(8, 2, dim=16, encoder_depth=2, decoder_dim=8,
                                   decoder_depth=1, num_heads=2, mlp_ratio=2.0,
                                   dtype=jnp.float32, rngs=nnx.Rngs(0))
-    return _perturbed(module, seed=1)
+    return perturbed(module, seed=1)
 
 
 def _feature_case():
@@ -179,12 +169,12 @@ def test_network_starts_as_its_unet_and_the_plain_unet_path_is_unchanged():
     t = jnp.array([10, 700])
     visible = maediff.visible_tokens(np.array([[0, 4], [8, 8]]), (16, 16), config.patch)
     both = nnx.jit(lambda m: (m(x, t, visible), m.unet(x, t)))
-    model.unet.conv_out = _perturbed(model.unet.conv_out)  # a non-constant output
+    model.unet.conv_out = perturbed(model.unet.conv_out)  # a non-constant output
     # The MAE head is zero-initialised: the module adds nothing at initialisation.
     with_mae, plain = both(model)
     assert float(jnp.abs(plain).max()) > 1e-3
     np.testing.assert_allclose(with_mae, plain, atol=1e-6)
-    with_mae, plain = both(_perturbed(model))
+    with_mae, plain = both(perturbed(model))
     assert float(jnp.abs(with_mae - plain).max()) > 1e-3
     two_levels = maediff_configs.get_config("tiny").model.to_dict()  # down-sampling by 2
     with pytest.raises(ValueError, match="multiple"):
@@ -277,7 +267,7 @@ def _loop_reconstruction(model, x0, key, config):
 
 @pytest.fixture(scope="module")
 def tiny_network():
-    return _perturbed(make_model(_one_level(maediff_configs.get_config("tiny")).model, seed=0))
+    return perturbed(make_model(_one_level(maediff_configs.get_config("tiny")).model, seed=0))
 
 
 @pytest.mark.parametrize("variant,chunk", [

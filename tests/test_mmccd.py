@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers_methods import perturbed
 
 from configs import mmccd as mmccd_configs
 from uadjax import diffusion, jobs, train
@@ -15,14 +16,8 @@ from uadjax.models import make_model
 
 
 def _random_unet(model_config, seed):
-    """A UNet with every parameter perturbed (the zero-initialised output conv would make it
-    a constant)."""
-    model = make_model(model_config, seed=seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [p + 0.2 * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+    """A UNet with every parameter perturbed."""
+    return perturbed(make_model(model_config, seed=seed), seed)
 
 
 def _pair_batch(rng, b=2, size=16):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers_methods import Halver, random_batch, run_tiny_end_to_end
+from helpers_methods import Halver, perturbed, random_batch, run_tiny_end_to_end
 
 from configs import pddpm as pddpm_configs
 from uadjax import diffusion
@@ -32,14 +32,8 @@ def _one_level(config):
 
 
 def _random_unet(config, seed=0):
-    """The tiny UNet with every parameter perturbed (zero-initialised output convs would
-    otherwise make it a constant)."""
-    model = make_model(config.model, seed=seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [p + 0.2 * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+    """The tiny UNet with every parameter perturbed."""
+    return perturbed(make_model(config.model, seed=seed), seed)
 
 
 # ------------------------------------------------------------------------------------------
