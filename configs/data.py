@@ -1,7 +1,12 @@
 """Preprocessing and augmentation defaults: `get_config(arg)`.
 
 Variants (arg, optionally followed by modalities, e.g. 'paper' or 'cpu:t2,flair'):
-  paper   96x96 in-plane at 2 mm, percentile (Behrendt) normalisation, T2.
+  paper   Behrendt et al.: 96x96x50 at 2 mm, brain p1-p99 normalisation, T2 (alias
+          'behrendt'; the dataset folder from `data_prep.datasets --preset behrendt`).
+  mmccd_brats  MMCCD's protocol: axial slices 70-89 of BraTS at 1 mm, 128x128 in-plane
+          (1.875 mm), [-3, 3] scaling as in the authors' code (`--preset mmccd`).
+  disyre_upd   DISYRE's protocol: 1 mm, quantile scaling over the volume, foreground crop
+          to 192x192 (128 px training patches: configs/disyre.py:paper,1mm; `--preset disyre`).
   cpu     64x64 in-plane at 3 mm (fast CPU runs), percentile normalisation, T2.
   disyre  96x96 at 2 mm, DISYRE quantile normalisation (q0 .. q0.98 over all voxels).
   mmccd   96x96 at 2 mm, MMCCD [-3, 3] normalisation, T1/T2/PD/FLAIR, lesion-free training
@@ -31,7 +36,7 @@ def get_augment_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the data config for variant `arg` ('paper', 'cpu', 'disyre', 'mmccd', 'tiny').
+    """Returns the data config for variant `arg` (see the module docstring).
 
     `arg` may carry modalities after a colon: 'cpu:t2,flair'.
     """
@@ -56,9 +61,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = ""  # Shard name override; '' derives '<dataset>_<mods>_<size>[_<norm>]'.
     c.augment = get_augment_config()
 
-    if variant == "paper":
+    if variant in ("paper", "behrendt"):
+        # Authors: CropOrPad 192x192x100 at 1 mm, then 2 mm -> 96x96x50.
         c.image_size = (96, 96)
+        c.num_slices = 50
         c.target_spacing = (2.0, 2.0, 2.0)
+    elif variant == "mmccd_brats":
+        c.image_size = (128, 128)
+        c.target_spacing = (1.875, 1.875, 1.0)  # 240 px -> 128 px in-plane; slices unchanged
+        c.slice_range = (70, 90)  # 0-based slices 70..89 of the 155 (RAS, as the authors')
+        c.normalisation = "mmccd"
+        c.mmccd_lower_over = "volume"  # the code's semantics: l = 0, 6 x / u - 3
+        c.modalities = ("flair", "t2")
+    elif variant == "disyre_upd":
+        c.image_size = (192, 192)
+        c.target_spacing = (1.0, 1.0, 1.0)
+        c.normalisation = "quantile"
     elif variant == "cpu":
         pass
     elif variant == "disyre":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs import data as data_configs
 
 MODALITIES = ("flair", "t1", "t2", "pd")
 # Single-word source modifiers -> (source, target).
@@ -93,9 +94,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if size == "paper":
         # Authors: BraTS 240 px at 1 mm resized to 128 x 128 (1.875 mm), MMCCD [-3, 3]
         # normalisation (data variant 'mmccd'); the networks see those values unchanged.
-        d.image_size = (PAPER_SIZE, PAPER_SIZE)
-        d.target_spacing = (1.875, 1.875, 1.875)
-        d.normalisation = "mmccd"
+        # Axial slices 70-89 at 1 mm: the data variant 'mmccd_brats' (`data_prep.datasets
+        # --preset mmccd`), with this pair's modalities.
+        preset = data_configs.get_config("mmccd_brats")
+        for key in ("image_size", "target_spacing", "slice_range", "normalisation",
+                    "mmccd_lower_over"):
+            d[key] = preset[key]
+        assert d.image_size == (PAPER_SIZE, PAPER_SIZE)
 
     # f: [y_t, masked x] -> y0 (diffusion) or x -> y (cyclic); g: y -> x.
     config.model_f = unet_config(size, 1 if cyclic else 2, use_timestep=not cyclic)

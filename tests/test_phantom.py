@@ -41,7 +41,7 @@ def undeformed_config():
 def subjects(template, config):
     """One subject of every kind, all at subject index 7 (same anatomy and noise)."""
     return {kind: phantom.make_subject(template, config, 7, kind, seed=0)
-            for kind in (schema.HEALTHY, *schema.LESION_KINDS)}
+            for kind in (schema.HEALTHY, *schema.PHANTOM_LESION_KINDS)}
 
 
 def _pure(template, name, ventricle_margin=4.0):
@@ -73,7 +73,7 @@ def test_outputs_have_template_grid_and_types(template, subjects):
 def test_masks_are_the_inserted_lesions(subjects):
     healthy = subjects[schema.HEALTHY]
     assert healthy["seg"].sum() == 0 and healthy["lesion_fraction"].max() == 0.0
-    for kind in schema.LESION_KINDS:
+    for kind in schema.PHANTOM_LESION_KINDS:
         subject = subjects[kind]
         seg = subject["seg"].astype(bool)
         np.testing.assert_array_equal(seg, subject["lesion_fraction"] >= 0.5)
@@ -116,7 +116,7 @@ def _lesion_vs_white_matter(template, subject, key):
             / np.median(subject[key][_pure(template, "wm") & far]))
 
 
-@pytest.mark.parametrize("kind", list(schema.LESION_KINDS))
+@pytest.mark.parametrize("kind", list(schema.PHANTOM_LESION_KINDS))
 def test_lesions_are_t2_bright_and_t1_dark(template, undeformed_config, kind):
     subject = phantom.make_subject(template, undeformed_config, 2, kind, seed=5)
     assert _lesion_vs_white_matter(template, subject, "t2") > 1.05
@@ -187,7 +187,7 @@ def test_written_dataset_follows_the_contract(tiny_dataset, template, config):
     subjects = manifest["subjects"]
     assert len(subjects) == len(phantom.plan_subjects(config)) == 10
     assert {s["split"] for s in subjects} == set(schema.SPLITS)
-    assert {s["kind"] for s in subjects if s["split"] == "test_lesion"} == set(schema.LESION_KINDS)
+    assert {s["kind"] for s in subjects if s["split"] == "test_lesion"} == set(schema.PHANTOM_LESION_KINDS)
     assert len({s["id"] for s in subjects}) == len(subjects)
     for entry in subjects:
         sid = entry["id"]

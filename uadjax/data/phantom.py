@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.splits = ml_collections.ConfigDict({
         "train": 48, "val_healthy": 8, "val_lesion_per_kind": 4, "test_lesion_per_kind": 10,
         "test_healthy": 8})
-    config.kinds = schema.LESION_KINDS
+    config.kinds = schema.PHANTOM_LESION_KINDS
     # 1.5 T protocol (ms). FLAIR ti = 0: null nominal CSF.
     config.sequences = ml_collections.ConfigDict({
         "t1": {"kind": "se", "tr": 500.0, "te": 15.0},
@@ -171,7 +171,7 @@ def make_subject(
        'lesion_fraction': [D, H, W] float32 partial-volume lesion fraction
        (seg == lesion_fraction >= 0.5), 'info': dict of JSON-serialisable details}.
     """
-    if kind != schema.HEALTHY and kind not in schema.LESION_KINDS:
+    if kind != schema.HEALTHY and kind not in schema.PHANTOM_LESION_KINDS:
         raise ValueError(f"phantom: unknown subject kind {kind!r}")
     rng_anatomy, rng_lesion, rng_acquisition = subject_rngs(seed, index)
     shape = template.shape

@@ -15,8 +15,10 @@ Batches from the grain pipelines carry the same keys with a leading batch axis.
 
 from __future__ import annotations
 
-MODALITIES = ("t1", "t2", "pd", "flair")
-LESION_KINDS = ("tumour", "ms", "stroke")
+MODALITIES = ("t1", "t1ce", "t2", "pd", "flair")  # t1ce: contrast-enhanced T1 (BraTS)
+# Lesion kinds of real datasets; 'wmh': white matter hyperintensities (WMH challenge).
+LESION_KINDS = ("tumour", "ms", "stroke", "wmh")
+PHANTOM_LESION_KINDS = ("tumour", "ms", "stroke")  # what the built-in phantom can simulate
 HEALTHY = "healthy"
 
 # Subject-level splits written by the phantom and by the dataset adapters.
