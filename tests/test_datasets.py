@@ -414,3 +414,51 @@ def test_every_adapter_is_consistent_and_documented():
         assert name in listing
     with pytest.raises(ValueError, match="placeholders"):
         datasets.generic_spec("x", "healthy", {"t2": "{id}/t2.nii.gz", "seg": "{sid}/seg.nii"})
+
+
+# ----------------------------------------------------------------------------- spatial steps
+
+
+def test_ixi_with_registration_atlas_mask_skull_strip_and_n4(tmp_path):
+    """Whole-head template stand-ins under IXI names, T1 on its own grid: the behrendt
+    preset's spatial steps (at 3 mm to stay fast) give every output on one template grid."""
+    from scipy import ndimage
+
+    from uadjax.data import spatial
+    from uadjax.data.phantom_template import load_template
+
+    template = load_template()
+    rng = np.random.default_rng(0)
+    for n, raw in enumerate(("IXI002-Guys-0828", "IXI012-HH-1211")):
+        for mod, vol, shape in (("T2", template.t2, (60, 70, 44)),
+                                ("T1", template.t1, (56, 72, 50))):
+            angle = np.deg2rad(rng.uniform(-5, 5))
+            rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle),
+                                 np.cos(angle), 0], [0, 0, 1]])
+            affine = np.eye(4)
+            affine[:3, :3] = rotation @ np.diag([3.0, 3.0, 3.5])
+            affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) / 2) + [n, 2.0, -1.0]
+            to_t = np.linalg.inv(template.affine) @ affine
+            img = ndimage.affine_transform(vol, to_t[:3, :3], to_t[:3, 3], output_shape=shape,
+                                           order=1)
+            write(tmp_path / f"raw/IXI-{mod}/{raw}-{mod}.nii.gz", img.astype(np.float32),
+                  affine)
+    args = ["--out", str(tmp_path / "out"), "--preset", "behrendt", "--spacing", "3",
+            "--source", f"ixi={tmp_path / 'raw'}", "--modalities", "t2,t1", "--quiet",
+            "--jobs", "1"]
+    assert cli.main(args) == 0
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["spatial"]["register"] and manifest["spatial"]["n4"]
+    for entry in manifest["subjects"]:
+        files = nifti.subject_files(tmp_path / "out", entry, ("t2", "t1"))
+        subject = nifti.load_subject(files)  # every output on one grid (checked there)
+        mask = subject.brainmask.data > 0
+        expected = spatial.from_sitk(spatial.template_brain_mask((3.0, 3.0, 3.0)))[0] > 0
+        assert mask.shape == expected.shape
+        assert 2 * (mask & expected).sum() / (mask.sum() + expected.sum()) > 0.9
+        for vol in subject.images.values():
+            assert np.all(vol.data[~mask] == 0) and vol.data[mask].mean() > 0
+        np.testing.assert_allclose(np.abs(np.diag(subject.reference.affine)[:3]), 3.0)
+    record = tmp_path / "out/ixi-IXI002-Guys-0828/ixi-IXI002-Guys-0828.json"
+    stamp = record.stat().st_mtime_ns
+    assert cli.main(args) == 0 and record.stat().st_mtime_ns == stamp  # reused, not redone
