@@ -4,6 +4,7 @@
 #   ./launch.sh              the main job: phantom -> shards -> train -> evaluate -> report
 #   ./launch.sh test         the test suite
 #   ./launch.sh <mode> ...   any uadjax mode (phantom, prepare, train, evaluate, predict, run)
+#   ./launch.sh prepare_datasets ...   BraTS, IXI, ... folders -> a dataset folder (--list)
 #
 # Several hosts (TPU pod slice, multi-node GPU): start the same command on every host with
 #   JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i ./launch.sh train ...
@@ -38,6 +39,8 @@ mode=${1:-main}
 case "$mode" in
   test)
     exec python -m pytest -q "$@" ;;
+  prepare_datasets)
+    exec python -m data_prep.datasets "$@" ;;
   main)
     exec python -m uadjax.main run --config=configs/ddpm.py:cpu --workdir=runs/main "$@" ;;
   *)

@@ -121,8 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.disyre = disyre_config(size)
     d = config.disyre
     if "1mm" in modifiers:
-        config.data.target_spacing = (1.0, 1.0, 1.0)
-        config.data.image_size = (192, 192)
+        upd = data_configs.get_config("disyre_upd")  # the UPD study's 1 mm protocol
+        config.data.target_spacing = upd.target_spacing
+        config.data.image_size = upd.image_size
         d.patch_size, d.anomaly_box, d.shape_size = 128, 64, (10.0, 44.0)
         d.blur_sigma_max, d.window_step = 5.0, 32
     if "dag" in modifiers:

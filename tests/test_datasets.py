@@ -223,6 +223,9 @@ def test_preset_sizes_reach_the_manifest(tmp_path):
     # 3 IXI subjects at 358:44:158 -> 2 train, 1 test; 3 BraTS at 100:1151 -> all test.
     assert splits == {("ixi", "train"), ("ixi", "test_healthy"), ("brats2021", "test_lesion")}
     assert manifest["provenance"]["preset"] == "behrendt"
+    rows = (tmp_path / "out" / "splits.csv").read_text().splitlines()
+    assert rows[0] == "subject_id,raw_id,source,split,kind" and len(rows) == 7
+    assert "ixi-IXI002-Guys-0828,IXI002-Guys-0828,ixi," in "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -462,3 +465,32 @@ def test_ixi_with_registration_atlas_mask_skull_strip_and_n4(tmp_path):
     record = tmp_path / "out/ixi-IXI002-Guys-0828/ixi-IXI002-Guys-0828.json"
     stamp = record.stat().st_mtime_ns
     assert cli.main(args) == 0 and record.stat().st_mtime_ns == stamp  # reused, not redone
+
+
+@pytest.mark.slow
+def test_adapter_folder_trains_and_evaluates_like_the_phantom(tmp_path):
+    """IXI (healthy) + MSLUB (ms) under their real names -> dataset folder -> a tiny DDPM run
+    with its shards built on first use -> per-kind results."""
+    from configs import ddpm
+    from uadjax import jobs
+
+    for n in range(8):
+        raw = f"IXI{n + 2:03d}-Guys-{n:04d}"
+        write_subject(tmp_path / "ixi", {"t2": f"IXI-T2/{raw}-T2.nii.gz"}, lesion=False, seed=n)
+    for n in range(4):
+        folder = f"raw/patient{n + 1:02d}"
+        write_subject(tmp_path / "mslub", {"t2": f"{folder}/T2W.nii.gz",
+                                           "seg": f"{folder}/consensus_gt.nii.gz"},
+                      lesion=True, seed=10 + n)
+    assert cli.main(["--out", str(tmp_path / "folder"), "--source", f"ixi={tmp_path / 'ixi'}",
+                     "--source", f"mslub={tmp_path / 'mslub'}", "--quiet", "--jobs", "1"]) == 0
+    config = ddpm.get_config("tiny")
+    config.data.dataset_dir = str(tmp_path / "folder")
+    config.data.dataset = "ixi_mslub"
+    config.data.data_dir = str(tmp_path / "shards")
+    config.train.num_steps = 1
+    config.train.val_every_steps = 0
+    jobs.run_all(config, str(tmp_path / "run"), progress=False)
+    results = json.loads((tmp_path / "run/eval/results.json").read_text())["results"]["ddpm"]
+    assert list(results["kinds"]) == ["ms"]
+    assert results["kinds"]["ms"]["num_test"] == 3

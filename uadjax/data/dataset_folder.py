@@ -8,7 +8,7 @@ shards are built by `uadjax.data.builder` with a `configs/data.py` variant. File
 no change are not copied: the manifest names them by absolute path. A subject is written
 only when it is complete: its derived files first (atomically), then its record
 `<out>/<id>/<id>.json`, which a rerun reuses (so an interrupted preparation resumes), and
-the manifest last. Failures are collected per subject and the others go on.
+the manifest last (with `splits.csv`, one row per subject). Failures are collected per subject and the others go on.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from uadjax.data.schema import (
 )
 
 MANIFEST_VERSION = 1
+SPLITS_CSV = "splits.csv"
 HEALTHY_SPLITS = (TRAIN, VAL_HEALTHY, TEST_HEALTHY)
 LESION_SPLITS = (TRAIN, VAL_LESION, TEST_LESION)  # train: lesion-free slices only (MMCCD)
 
@@ -366,6 +367,7 @@ def build_dataset_folder(sources: list, out_dir, *, modalities, spatial=None, se
         "provenance": provenance or {},
         "subjects": entries, "failures": failures, "warnings": warnings,
     }
+    write_splits_csv(out_dir / SPLITS_CSV, entries)
     atomic.write_json(out_dir / "manifest.json", manifest, indent=1)
     report = FolderReport(out_dir=out_dir, failures=failures, warnings=warnings,
                           seconds=time.perf_counter() - start)
@@ -373,6 +375,15 @@ def build_dataset_folder(sources: list, out_dir, *, modalities, spatial=None, se
         key = (entry["source"], entry["split"])
         report.num_subjects[key] = report.num_subjects.get(key, 0) + 1
     return report
+
+
+def write_splits_csv(path: Path, entries: list) -> None:
+    """One row per subject (id, raw id, source, split, kind): the split as a file to cite,
+    compare or pass back as `--split_file` lists."""
+    rows = ["subject_id,raw_id,source,split,kind"]
+    rows += [",".join(str(e[k]) for k in ("id", "raw_id", "source", "split", "kind"))
+             for e in sorted(entries, key=lambda e: e["id"])]
+    atomic.write_text(path, "\n".join(rows) + "\n")
 
 
 def default_jobs() -> int:
