@@ -89,6 +89,14 @@ class DatasetSpec:
 _HEALTHY_SPLITS = {TRAIN: 0.8, VAL_HEALTHY: 0.1, TEST_HEALTHY: 0.1}
 _LESION_SPLITS = {VAL_LESION: 0.2, TEST_LESION: 0.8}
 
+def _brats_spec(name: str, suffix: str, seg: tuple, instructions: str) -> DatasetSpec:
+    """BraTS: one folder per case, '<case>_<modality><suffix>', labels 0, 1, 2, 4."""
+    files = {m: (f"**/{{id}}/{{id}}_{m}{suffix}",) for m in ("t1", "t1ce", "t2", "flair")}
+    return DatasetSpec(name=name, kind="tumour", id_key="t2", labels=(0, 1, 2, 4),
+                       split_sizes=_LESION_SPLITS, files=files | {SEG: seg},
+                       instructions=instructions)
+
+
 SPECS = {
     "ixi": DatasetSpec(
         name="ixi", kind=HEALTHY, id_key="t2", skull_stripped=False,
@@ -112,24 +120,18 @@ SPECS = {
             "anatomical release (cc700/mri/pipeline/release004/BIDS_20190411/anat): folders "
             "sub-CC110033/anat/sub-CC110033_T1w.nii.gz and _T2w.nii.gz. Point --source at the "
             "folder holding the sub-CC* folders (or any folder above it).")),
-    "brats2021": DatasetSpec(
-        name="brats2021", kind="tumour", id_key="t2",
-        labels=(0, 1, 2, 4), split_sizes=_LESION_SPLITS,
-        files={m: (f"**/{{id}}/{{id}}_{m}.nii.gz",) for m in ("t1", "t1ce", "t2", "flair")}
-        | {SEG: ("**/{id}/{id}_seg.nii.gz",)},
-        instructions=(
+    "brats2021": _brats_spec(
+        "brats2021", ".nii.gz", ("**/{id}/{id}_seg.nii.gz",),
+        (
             "BraTS 2021 (glioma, T1/T1ce/T2/FLAIR, skull-stripped, 1 mm, SRI24 space): register "
             "at https://www.synapse.org/brats2021 (RSNA-ASNR-MICCAI BraTS 2021, Task 1) and "
             "extract BraTS2021_Training_Data.tar: folders BraTS2021_00000/"
             "BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz. Labels 1, 2, 4 (necrosis, "
             "oedema, enhancing tumour) are all lesion.")),
-    "brats2020": DatasetSpec(
-        name="brats2020", kind="tumour", id_key="t2",
-        labels=(0, 1, 2, 4), split_sizes=_LESION_SPLITS,
-        files={m: (f"**/{{id}}/{{id}}_{m}.nii*",) for m in ("t1", "t1ce", "t2", "flair")}
-        # BraTS20_Training_355 ships its labels as W39_1998.09.19_Segm.nii.
-        | {SEG: ("**/{id}/{id}_seg.nii*", "**/{id}/*_Segm.nii*")},
-        instructions=(
+    # BraTS20_Training_355 ships its labels as W39_1998.09.19_Segm.nii.
+    "brats2020": _brats_spec(
+        "brats2020", ".nii*", ("**/{id}/{id}_seg.nii*", "**/{id}/*_Segm.nii*"),
+        (
             "BraTS 2020 (glioma, T1/T1ce/T2/FLAIR, skull-stripped): register at "
             "https://www.med.upenn.edu/cbica/brats2020/registration.html and extract "
             "MICCAI_BraTS2020_TrainingData: folders BraTS20_Training_001/"
