@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
@@ -347,7 +348,9 @@ def build_dataset_folder(sources: list, out_dir, *, modalities, spatial=None, se
     entries = []
     bar = tqdm(total=len(tasks), desc=f"dataset {out_dir.name}", disable=not progress)
     if jobs > 1 and len(tasks) > 1:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawn, not fork: the parent may have started JAX's threads (forking them is unsafe).
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             for entry, failure in pool.map(_run_task, tasks, chunksize=1):
                 (entries.append(entry) if entry else failures.append(failure))
                 bar.update()
