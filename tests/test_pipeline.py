@@ -101,16 +101,23 @@ def test_orbax_save_restore_with_grain_checkpoint_handlers(records, tmp_path):
     _assert_same(_take(restored, 2), expected)
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(records):
-    seen = []
-    for index in range(3):
-        it = pipeline.make_train_iterator(records, batch_size=2, seed=0, augment_config=None,
-                                          process_index=index, process_count=3,
-                                          num_epochs=1)
-        seen.append({int(i) for b in it for i in b["slice_index"]})
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert seen[0] <= set(range(0, 37, 3)) and seen[1] <= set(range(1, 37, 3))
-    assert len(seen[0] | seen[1] | seen[2]) >= 37 - 3
+@pytest.mark.parametrize("augment", [False, True])
+def test_process_parts_concatenate_to_the_single_process_batches(records, augment):
+    """3 processes x 2 rows read disjoint records and, put together (as
+    `make_array_from_process_local_data` does), give the batches of one process with 6
+    rows, augmentation included: a multi-host run trains on the same data as a single one."""
+    aug = AugmentConfig(gamma_p=0.7, bias_p=0.7, noise_p=0.7) if augment else None
+    single = _take(pipeline.make_train_iterator(records, batch_size=6, seed=3,
+                                                augment_config=aug), 6)
+    parts = [_take(pipeline.make_train_iterator(records, batch_size=2, seed=3,
+                                                augment_config=aug, process_index=p,
+                                                process_count=3), 6) for p in range(3)]
+    for step in range(6):
+        for key in pipeline.TRAIN_KEYS:
+            joined = np.concatenate([parts[p][step][key] for p in range(3)])
+            np.testing.assert_array_equal(joined, single[step][key])
+        ids = [set(parts[p][step]["slice_index"].tolist()) for p in range(3)]
+        assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
 
 
 def test_augmentation_changes_only_brain_pixels(records):

@@ -55,8 +55,23 @@ def ensure_shards(config, *, progress: bool = True) -> dict:
     """Prepares the slice shards for `config.data` unless they exist for the same dataset.
 
     Returns the volumes index (`volumes.json`). Subjects that fail are reported and skipped;
-    preparation stops only if no training subject is left.
+    preparation stops only if no training subject is left. With several processes,
+    process 0 prepares first and the others wait for it (on a shared file system they then
+    find its shards; hosts with their own disks prepare their own copy).
     """
+    if jax.process_count() == 1:
+        return _ensure_shards(config, progress=progress)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        index = _ensure_shards(config, progress=progress)
+        multihost_utils.sync_global_devices("uadjax: shards prepared")
+        return index
+    multihost_utils.sync_global_devices("uadjax: shards prepared")
+    return _ensure_shards(config, progress=False)
+
+
+def _ensure_shards(config, *, progress: bool) -> dict:
     source = dataset_dir(config).resolve()
     if not (source / "manifest.json").is_file():
         ensure_phantom(config, progress=progress)

@@ -31,6 +31,9 @@ def initialize_distributed() -> None:
         kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
     if os.environ.get("JAX_PROCESS_ID"):
         kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        # Cross-process collectives on CPU hosts (the test suite's two local processes).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
 
 

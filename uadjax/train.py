@@ -233,6 +233,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     if ckpt.latest_step() is not None:
         abstract = checkpointing.abstract_like(state)
         state = ckpt.restore(abstract, data_iter=data.train_iter)
+        print(f"{stage.name}: resuming from the checkpoint of step {int(state['step'])}")
     start = int(state["step"])
     num_steps = int(tcfg.num_steps)
     if start >= num_steps:

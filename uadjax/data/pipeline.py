@@ -125,7 +125,8 @@ def bias_log_field(coeffs: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.einsum("hi,biw->bhw", _powers(height, order), inner)
 
 
-def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) -> dict:
+def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig, *,
+                  rows: tuple[int, int] | None = None) -> dict:
     """Random intensity augmentation of a batch, inside the brain only.
 
     All random numbers of the batch are drawn up front; each selected slice is then changed
@@ -135,6 +136,9 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) 
       batch: dict with image [B, H, W, M] float32 and brain_mask [B, H, W] (0/1).
       rng: the numpy generator grain passes to `random_map`.
       config: `AugmentConfig`.
+      rows: (offset, G) when `batch` is rows offset..offset+B-1 of a global batch of G
+        rows: the numbers are drawn for all G rows and this part uses its own, so every
+        process of a multi-host run augments its rows as a single process would.
 
     Returns:
       The batch with a new `image` (other keys unchanged).
@@ -144,6 +148,9 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) 
     image = batch["image"].astype(np.float32, copy=True)
     mask = batch["brain_mask"].astype(bool)
     b, h, w, m = image.shape
+    offset, b_local = 0, b
+    if rows is not None:
+        offset, b = rows
 
     do_gamma = rng.random(b) < config.gamma_p
     do_bias = rng.random(b) < config.bias_p
@@ -157,6 +164,10 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) 
     windows = np.stack([rng.integers(0, NOISE_BANK_SIZE, size=b),
                         rng.integers(0, h + 1, size=b), rng.integers(0, w + 1, size=b),
                         rng.choice(np.array([-1.0, 1.0], np.float32), size=b)], axis=1)
+    if rows is not None:  # this process's rows of the global batch
+        part = slice(offset, offset + b_local)
+        do_gamma, do_bias, do_noise = do_gamma[part], do_bias[part], do_noise[part]
+        gammas, coeffs, stds, windows = gammas[part], coeffs[part], stds[part], windows[part]
 
     chosen = np.flatnonzero(do_gamma | do_bias | do_noise)
     fields = {}
@@ -193,11 +204,12 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig) 
 class _Augment(grain.transforms.RandomMap):
     """`augment_batch` as a grain RandomMap (seeded per element by grain)."""
 
-    def __init__(self, config: AugmentConfig):
+    def __init__(self, config: AugmentConfig, rows: tuple[int, int] | None = None):
         self._config = config
+        self._rows = rows
 
     def random_map(self, element, rng: np.random.Generator):
-        return augment_batch(element, rng, self._config)
+        return augment_batch(element, rng, self._config, rows=self._rows)
 
 
 def stack_train_records(records) -> dict:
@@ -218,26 +230,41 @@ def stack_train_records(records) -> dict:
     }
 
 
+def _local_batch(records, step: int, *, global_batch: int, start: int, batch_size: int):
+    """Rows start..start+batch_size-1 of global batch `step` of `records`, stacked."""
+    first = step * global_batch + start
+    return stack_train_records([records[first + j] for j in range(batch_size)])
+
+
 def make_train_dataset(source, *, batch_size: int, seed: int, augment_config=None,
                        process_index: int = 0, process_count: int = 1,
                        num_epochs: int | None = None) -> grain.MapDataset:
     """The training pipeline as a `grain.MapDataset` of batches (random access, lazy).
 
+    Global batch s is records s*G .. s*G+G-1 of the shuffled, repeated split (G = B x
+    process_count); process p reads and augments only its rows p*B .. p*B+B-1. So the
+    global batch, and its augmentation, do not depend on how many processes share it: a
+    run on N hosts trains on exactly the batches of a run on one, and every process's
+    iterator position is the same number (one saved position restores them all).
+
     Args: as `make_train_iterator`.
 
     Returns:
-      MapDataset whose element i is training batch i.
+      MapDataset whose element i is this process's part of global batch i.
     """
-    if len(source) < process_count:
-        raise ValueError(f"{len(source)} training records for {process_count} processes")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < batch_size:
-        raise ValueError(f"{len(ds)} training records per process < batch size {batch_size}")
-    ds = ds.seed(seed).shuffle().repeat(num_epochs)
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack_train_records)
+    global_batch = batch_size * process_count
+    if len(source) < global_batch:
+        raise ValueError(f"{len(source)} training records < global batch size {global_batch} "
+                         f"({batch_size} per process x {process_count} processes)")
+    records = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    num_batches = len(records) // global_batch
+    start = process_index * batch_size
+    ds = grain.MapDataset.range(num_batches).seed(seed).map(functools.partial(
+        _local_batch, records, global_batch=global_batch, start=start, batch_size=batch_size))
     augment = AugmentConfig.from_config(augment_config)
     if augment.enabled:
-        ds = ds.random_map(_Augment(augment))
+        rows = None if process_count == 1 else (start, global_batch)
+        ds = ds.random_map(_Augment(augment, rows))
     return ds
 
 
@@ -247,10 +274,10 @@ def make_train_iterator(source, *, batch_size: int, seed: int, augment_config,
                         prefetch: int = 8) -> grain.DatasetIterator:
     """Shuffled, repeated, augmented training batches from a random-access source.
 
-    Pipeline: `MapDataset.source(src)[process_index::process_count].seed(seed).shuffle()
-    .repeat(num_epochs).batch(B, drop_remainder=True, batch_fn=stack_train_records)
-    .random_map(augment)
-    .to_iter_dataset(ReadOptions(num_threads, prefetch))`.
+    Pipeline: `MapDataset.source(src).seed(seed).shuffle().repeat(num_epochs)`, cut into
+    global batches of B x process_count records of which this process reads its B
+    (`make_train_dataset`), `.random_map(augment)`,
+    `.to_iter_dataset(ReadOptions(num_threads, prefetch))`.
 
     Args:
       source: random-access records (`builder.load_split(...)` or any sequence of dicts).
@@ -258,7 +285,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, augment_config,
       seed: shuffle and augmentation seed.
       augment_config: `AugmentConfig`, a ConfigDict/dict with its fields, or None (off).
       process_index: this process (e.g. `jax.process_index()`).
-      process_count: number of processes; each reads a disjoint 1/process_count share.
+      process_count: number of processes; each reads its disjoint rows of every global
+        batch.
       num_epochs: None repeats forever.
       num_threads: grain read threads (each builds whole batches).
       prefetch: batches prefetched.
