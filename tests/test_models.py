@@ -332,3 +332,19 @@ def test_default_config_is_behrendt_and_fields_match_signature():
     model = nnx.eval_shape(lambda: make_model(cfg, seed=0))
     assert _attention_count(model) == 1
     assert count_params(nnx.state(model, nnx.Param)) > 10_000_000
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 4, 4, 64), (2, 5, 96), (1, 6, 6, 24)])
+def test_groupnorm32_matches_flax_groupnorm(shape):
+    """The dot-based statistics of GroupNorm32 against nnx.GroupNorm (its own parameters)."""
+    from uadjax.models.layers import GroupNorm32
+
+    norm = GroupNorm32(shape[-1], rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    norm.norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(shape[-1]), jnp.float32)
+    norm.norm.bias[...] = jnp.asarray(0.3 * rng.standard_normal(shape[-1]), jnp.float32)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape), jnp.float32)
+    np.testing.assert_allclose(norm(x), norm.norm(x), rtol=1e-5, atol=1e-5)
+    half = norm(x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), norm.norm(x), atol=0.1)

@@ -169,8 +169,25 @@ class GroupNorm32(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., C] -> [..., C] in x.dtype."""
-        return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+        """x: [B, ..., C] -> [B, ..., C] in x.dtype (statistics over all but B, per group).
+
+        The same maths as `nnx.GroupNorm` (two-pass variance, float32), with the per-group
+        sums written as contractions against a [C, G] group-membership matrix: XLA runs
+        those as dots, while the reshape-and-reduce form was a third of the CPU UNet's
+        forward time (a 64x64 CPU-config forward: 272 -> 188 ms, as fast as no norm at all).
+        """
+        norm = self.norm
+        shape, channels, groups = x.shape, x.shape[-1], norm.num_groups
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, channels)  # [B, N, C]
+        member = (jnp.arange(channels)[:, None] // (channels // groups)
+                  == jnp.arange(groups)[None, :]).astype(jnp.float32)  # [C, G]
+        count = xf.shape[1] * (channels // groups)
+        mean = jnp.einsum("bnc,cg->bg", xf, member) / count @ member.T  # [B, C]
+        centred = xf - mean[:, None, :]
+        var = jnp.einsum("bnc,bnc,cg->bg", centred, centred, member) / count
+        scale = jax.lax.rsqrt(var + norm.epsilon) @ member.T  # [B, C]
+        y = centred * scale[:, None, :] * norm.scale[...] + norm.bias[...]
+        return y.reshape(shape).astype(x.dtype)
 
 
 class Downsample(nnx.Module):
