@@ -121,8 +121,9 @@ def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
     model = train.load_stage_models(config, str(tmp_path / "multi"), stage, use_ema=False)
     multi = _params(model)
     assert len(multi) == len(single)
-    for a, b in zip(single, multi, strict=True):
-        # Float noise only (8 devices here, 2 there: other reduction orders), which Adam's
-        # first steps turn into up to a fraction of a learning-rate step where a gradient is
-        # close to zero (its update is lr * sign(g)).
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-4)
+    diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(single, multi, strict=True)])
+    # Float noise only (8 devices here, 2 there: other reduction orders). Adam turns it into
+    # up to one learning-rate step (1e-3) where a gradient is nothing but noise (zero-
+    # initialised outputs: the update is lr * sign(g)); everywhere else it stays tiny.
+    assert diff.max() < 1e-3, diff.max()
+    assert np.mean(diff < 1e-5) > 0.99, np.mean(diff < 1e-5)
