@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from uadjax.data.schema import (
     HEALTHY,
     LESION_KINDS,
@@ -350,8 +352,6 @@ def assign_splits(raw_ids: list, sizes: dict, *, seed: int, fixed: dict | None =
     Returns:
       raw id -> split.
     """
-    import numpy as np
-
     fixed = dict(fixed or {})
     rest = sorted(r for r in raw_ids if r not in fixed)
     order = np.random.default_rng(seed).permutation(len(rest))
