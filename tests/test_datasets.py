@@ -406,6 +406,10 @@ def test_rerun_reuses_finished_subjects(tmp_path):
     report = build(tmp_path, datasets.get_spec("wmh"), ("flair",))
     assert not report.failures and (tmp_path / "out/manifest.json").is_file()
     assert (record.stat().st_mtime_ns, seg.stat().st_mtime_ns) == stamps
+    # Other modalities asked for: the subject is redone, not reused without its T1.
+    report = build(tmp_path, datasets.get_spec("wmh"), ("flair", "t1"))
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert not report.failures and all("t1" in e["files"] for e in manifest["subjects"])
 
 
 def test_every_adapter_is_consistent_and_documented():

@@ -193,7 +193,8 @@ def _process_in_place(task: SubjectTask, files: dict) -> dict:
     out = {}
     for key, path in files.items():
         shape, affine = check_header(path) if key != ref_key else (ref_shape, ref_affine)
-        if shape != ref_shape or not np.allclose(affine, ref_affine, atol=1e-3, rtol=0):
+        if shape != ref_shape or not np.allclose(affine, ref_affine, atol=nifti.AFFINE_ATOL,
+                                                  rtol=0):
             raise DataError(path, f"{key} is on another voxel grid than {ref_key} "
                                   f"(shape {shape} vs {ref_shape}); use --register")
         out[key] = str(path.resolve())
@@ -239,7 +240,8 @@ def process_subject(task: SubjectTask) -> dict:
     record = _record_path(task)
     if record.is_file() and not task.overwrite:
         entry = json.loads(record.read_text())
-        if entry.get("split") == task.split and entry.get("spatial") == _options_dict(task):
+        if (entry.get("split") == task.split and entry.get("spatial") == _options_dict(task)
+                and entry.get("modalities") == list(task.modalities)):
             return entry
     files = _resolve(task)
     if _needs_spatial(task.spatial):
@@ -249,7 +251,8 @@ def process_subject(task: SubjectTask) -> dict:
     entry = {"id": task.subject_id, "split": task.split, "kind": task.spec.kind,
              "source": task.spec.name, "raw_id": task.raw.raw_id,
              "lesion_volume_ml": round(result["lesion_volume_ml"], 4),
-             "files": result["files"], "spatial": _options_dict(task)}
+             "files": result["files"], "spatial": _options_dict(task),
+             "modalities": list(task.modalities)}
     atomic.write_json(record, entry)  # last: the subject is complete
     return entry
 
