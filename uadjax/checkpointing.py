@@ -5,17 +5,65 @@ A checkpoint step folder holds three items:
   data_iter  the grain iterator state (JSON), so a resumed run sees exactly the batches it
              would have seen
   config     the run's config as JSON (for evaluation and prediction from a run directory)
+  integrity  SHA-256 of every array of `state` (JSON), checked on restore
 orbax writes each step to a temporary folder and renames it when complete, so a killed run
-never leaves a half-written checkpoint behind.
+never leaves a half-written checkpoint behind (leftover temporary folders are removed at the
+next start). What renaming cannot catch (a truncated, bit-flipped or emptied step folder:
+OCDBT itself stores no checksum, a flipped byte restores as a wrong weight) the integrity
+digest does: `restore` then warns and falls back to the newest step that reads back intact,
+and raises `CheckpointError` if none does, never starting over silently.
+
+Nothing here can execute code from the files: arrays are TensorStore/OCDBT, everything else
+JSON; no pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import time
+import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data_iter", "config", "integrity")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: every saved step is unreadable, or it belongs to another run."""
+
+
+def host_copy(state):
+    """`state` with every fully replicated array as one numpy copy (other arrays unchanged).
+
+    orbax writes a replicated jax.Array by slicing it across its replicas (thousands of tiny
+    device ops per save: 3 s for the tiny UNet on 8 devices); one host copy per array is
+    written directly and restores into the sharding of the abstract state all the same.
+    """
+    def one(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        return leaf
+
+    return jax.tree.map(one, state)
+
+
+def state_digest(state) -> dict:
+    """{'sha256': hex, 'arrays': n}: a digest of the shapes, dtypes and bytes of every array
+    of `state` (replicated arrays are read from this process's first copy)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree.leaves(state)
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+    return {"sha256": digest.hexdigest(), "arrays": len(leaves)}
 
 
 class Checkpointer:
@@ -24,9 +72,9 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 2, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data_iter", "config"))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -35,34 +83,90 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, *, data_iter=None, config=None, force: bool = True) -> bool:
-        """Saves `state` (and the iterator state and config) at `step`."""
-        items = {"state": ocp.args.StandardSave(state)}
+        """Saves `state` (and the iterator state, config and integrity digest) at `step`."""
+        state = host_copy(state)
+        items = {"state": ocp.args.StandardSave(state),
+                 "integrity": ocp.args.JsonSave(state_digest(state))}
         if data_iter is not None:
             items["data_iter"] = ocp.args.JsonSave(_iterator_state(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_to_dict(config))
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, abstract_state, *, step: int | None = None, data_iter=None):
+    def restore(self, abstract_state, *, step: int | None = None, data_iter=None,
+                quarantine: bool = False):
         """Restores the state (placed with `abstract_state`'s shardings) and the iterator.
+
+        Without `step`, the newest step that reads back intact: an unreadable or corrupted
+        newer step is reported with a warning (and, with `quarantine`, moved to
+        `<directory>_corrupt/` so training can write that step again).
 
         Args:
           abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings (`jax.eval_shape`).
-          step: the step to restore; the latest by default.
+          step: restore exactly this step (no fallback).
           data_iter: a grain iterator whose position is restored in place.
+          quarantine: move corrupted newer steps aside (training); evaluation leaves them.
         Returns:
           The restored state pytree.
+        Raises:
+          CheckpointError: no step can be restored (each step's problem is listed).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        problems = []
+        for candidate in steps:
+            try:
+                state, iterator_state = self._restore_step(candidate, abstract_state,
+                                                           with_iterator=data_iter is not None)
+            except Exception as err:  # noqa: BLE001 - any failure means: try an older step
+                problems.append(f"step {candidate}: {_short(err)}")
+                continue
+            if problems:
+                warnings.warn(f"{self.directory}: falling back to step {candidate} because "
+                              f"newer checkpoints are unreadable ({'; '.join(problems)})",
+                              stacklevel=2)
+                print(f"warning: checkpoint {'; '.join(problems)}; "
+                      f"resuming from step {candidate} instead")
+                if quarantine:
+                    self._quarantine([s for s in steps if s > candidate])
+            if data_iter is not None:
+                _set_iterator_state(data_iter, iterator_state)
+            return state
+        raise CheckpointError(f"{self.directory}: no checkpoint can be restored "
+                              f"({'; '.join(problems)}). Move the folder away to start over.")
+
+    def _restore_step(self, step: int, abstract_state, *, with_iterator: bool):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        if with_iterator:
             items["data_iter"] = ocp.args.JsonRestore()
+        has_digest = os.path.isdir(os.path.join(self.directory, str(step), "integrity"))
+        if has_digest:
+            items["integrity"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iter is not None:
-            _set_iterator_state(data_iter, restored["data_iter"])
-        return restored["state"]
+        if has_digest:
+            expected = restored["integrity"]
+            actual = state_digest(restored["state"])
+            if actual != expected:
+                raise CheckpointError(f"integrity check failed (SHA-256 {actual['sha256'][:12]}"
+                                      f" of {actual['arrays']} arrays, saved "
+                                      f"{expected.get('sha256', '?')[:12]} of "
+                                      f"{expected.get('arrays', '?')})")
+        return restored["state"], restored["data_iter"] if with_iterator else None
+
+    def _quarantine(self, steps) -> None:
+        """Moves step folders to `<directory>_corrupt/<step>-<time>` (kept for inspection)."""
+        target_root = self.directory.rstrip("/") + "_corrupt"
+        os.makedirs(target_root, exist_ok=True)
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            if os.path.isdir(source) and jax.process_index() == 0:
+                shutil.move(source, os.path.join(target_root, f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("uadjax checkpoint quarantine")
+        self._manager.reload()
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -87,6 +191,11 @@ def abstract_like(state, sharding_tree=None):
             state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, sharding_tree)
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _iterator_state(data_iter) -> dict:

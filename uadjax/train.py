@@ -145,7 +145,8 @@ def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
         new["step"] = state["step"] + 1
         new["nonfinite_step"] = jnp.where(
             (state["nonfinite_step"] < 0) & ~finite, state["step"], state["nonfinite_step"])
-        metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **metrics,
+                   "skipped": 1.0 - finite.astype(jnp.float32)}
         return new, metrics
 
     return step_fn
@@ -231,8 +232,10 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"),
                                       max_to_keep=tcfg.get("max_checkpoints", 2))
     if ckpt.latest_step() is not None:
-        abstract = checkpointing.abstract_like(state)
-        state = ckpt.restore(abstract, data_iter=data.train_iter)
+        saved = _saved_config(ckpt)
+        check_same_method(saved, config, ckpt.directory)
+        state = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
+                                data_iter=data.train_iter, quarantine=True)
         print(f"{stage.name}: resuming from the checkpoint of step {int(state['step'])}")
     start = int(state["step"])
     num_steps = int(tcfg.num_steps)
@@ -257,6 +260,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     t_last, n_last = time.perf_counter(), 0
     pending = []
     step = start
+    skip_non_finite = _non_finite_policy(tcfg) == "skip"
+    skipped = 0
     try:
         with _SigtermFlag() as sigterm:
             while step < last:
@@ -267,10 +272,16 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
                 pending.append(metrics)
                 n_last += tcfg.batch_size
                 if step % log_every == 0 or step == last or sigterm.raised:
-                    _check_finite(state)
-                    means = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
+                    pending = jax.device_get(pending)
+                    if skip_non_finite:
+                        skipped = _count_skipped(pending, step, skipped, tcfg)
+                    else:
+                        _check_finite(state)
+                    means = {k: float(np.mean([m[k] for m in pending if k != "skipped"
+                                               and np.isfinite(m[k])] or [np.nan]))
                              for k in pending[0]}
-                    pending.clear()
+                    means["skipped"] = float(sum(m["skipped"] for m in pending))
+                    pending = []
                     now = time.perf_counter()
                     means["slices_per_s"] = n_last / max(now - t_last, 1e-9)
                     t_last, n_last = now, 0
@@ -281,7 +292,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
                     writer.write(step, _validate(eval_fn, state, data.val_batches, mesh,
                                                  base_key), split="val")
                 if step % ckpt_every == 0 or step == last or sigterm.raised:
-                    _check_finite(state)
+                    if not skip_non_finite:
+                        _check_finite(state)
                     ckpt.save(step, state, data_iter=data.train_iter, config=config)
                 bar.update(1)
                 if sigterm.raised:
@@ -292,6 +304,31 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
         writer.close()
         ckpt.close()
     return {"state": state, "graphdef": graphdef, "step": step, "finished": step >= num_steps}
+
+
+def _non_finite_policy(tcfg) -> str:
+    policy = tcfg.get("on_non_finite", "stop")
+    if policy not in ("stop", "skip"):
+        raise ValueError(f"config.train.on_non_finite must be 'stop' or 'skip', not {policy!r}")
+    return policy
+
+
+def _count_skipped(metrics: list[dict], step: int, skipped: int, tcfg) -> int:
+    """Warns about the updates skipped (non-finite) among the steps ending at `step`;
+    raises NonFiniteLossError past `max_skipped_steps` in all. Returns the new total."""
+    first = step - len(metrics) + 1
+    bad = [first + i for i, m in enumerate(metrics) if m["skipped"]]
+    if bad:
+        skipped += len(bad)
+        print(f"warning: non-finite loss or gradient at step(s) {bad}: update skipped "
+              f"({skipped} skipped so far)")
+    limit = int(tcfg.get("max_skipped_steps", 100))
+    if skipped > limit:
+        raise NonFiniteLossError(
+            f"{skipped} updates skipped for a non-finite loss or gradient (last at step "
+            f"{bad[-1]}), more than train.max_skipped_steps={limit}; the last checkpoint is "
+            "kept. Lower the learning rate or check the data.")
+    return skipped
 
 
 def _check_finite(state) -> None:
@@ -336,14 +373,17 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
             raise FileNotFoundError(
                 f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
                 f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
-        saved_train = _saved_train_config(ckpt)
+        saved = _saved_config(ckpt)
+        check_same_method(saved, config, directory)
+        saved_train = saved.get("train") if saved else None
         train_cfg = ml_collections.ConfigDict(saved_train) if saved_train else config.train
+        graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
+        restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config)
+        step = int(restored["step"])
         if require_finished and step < int(train_cfg.num_steps):
             raise RuntimeError(
                 f"stage {stage.name!r} in {directory} stopped at step {step} of "
                 f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
-        graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
-        restored = ckpt.restore(checkpointing.abstract_like(state))
     finally:
         ckpt.close()
     params = restored["ema_params"] if use_ema else restored["params"]
@@ -393,13 +433,64 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
     return True
 
 
-def _saved_train_config(ckpt) -> dict | None:
-    """The `train` section saved with the latest checkpoint (None for checkpoints saved
-    without a config)."""
+def _saved_config(ckpt) -> dict | None:
+    """The config saved with the latest checkpoint (None for checkpoints saved without one,
+    or when it cannot be read: restoring the state then reports the problem)."""
     try:
-        return ckpt.restore_config().get("train")
-    except (FileNotFoundError, KeyError, ValueError):
+        return ckpt.restore_config()
+    except Exception:  # noqa: BLE001 - an unreadable config is judged by the state restore
         return None
+
+
+def _saved_train_config(ckpt) -> dict | None:
+    """The `train` section saved with the latest checkpoint (None if unavailable)."""
+    saved = _saved_config(ckpt)
+    return saved.get("train") if saved else None
+
+
+def check_same_method(saved: dict | None, config, directory: str) -> None:
+    """Raises CheckpointError when the checkpoint in `directory` belongs to another method."""
+    if saved and saved.get("method") != config.method:
+        raise checkpointing.CheckpointError(
+            f"{directory}: the checkpoint was trained by method {saved.get('method')!r}, "
+            f"this config is {config.method!r}. Use another --workdir, or the config that "
+            "trained it.")
+
+
+def restore_checked(ckpt, abstract_state, saved: dict | None, config, **kwargs):
+    """`ckpt.restore`, with a CheckpointError that names the config fields that differ from
+    the ones the checkpoint was trained with when no step can be restored."""
+    try:
+        return ckpt.restore(abstract_state, **kwargs)
+    except checkpointing.CheckpointError as err:
+        differences = config_differences(saved, config)
+        if differences:
+            raise checkpointing.CheckpointError(
+                f"{ckpt.directory}: the checkpoint does not fit this config, which differs "
+                f"from the one that trained it in {', '.join(differences)}. Use another "
+                "--workdir, or the config that trained it.") from err
+        raise
+
+
+def config_differences(saved: dict | None, config) -> list[str]:
+    """The network and input fields (model*, data.modalities, data.image_size) in which
+    `config` differs from a checkpoint's saved config."""
+    if not saved:
+        return []
+    current = json.loads(config.to_json_best_effort())
+    out = []
+    for key in sorted(k for k in set(saved) | set(current) if k.startswith("model")):
+        a, b = saved.get(key) or {}, current.get(key) or {}
+        out += [f"{key}.{f}" for f in sorted(set(a) | set(b))
+                if _as_list(a.get(f)) != _as_list(b.get(f))]
+    for f in ("modalities", "image_size"):
+        if _as_list(saved.get("data", {}).get(f)) != _as_list(current["data"].get(f)):
+            out.append(f"data.{f}")
+    return out
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, list | tuple) else value
 
 
 def _is_external(config, workdir: str, stage_name: str) -> bool:
