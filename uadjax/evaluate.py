@@ -278,11 +278,10 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
       out_dir: where the outputs go; `<workdir>/eval` by default (another folder lets one
         trained run be evaluated under several test-time settings, e.g. with and without ENS).
     """
-    from uadjax import report
     from uadjax.methods import get_method
 
     out_dir = out_dir or os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    atomic.check_writable(out_dir)  # fail now, not after scoring
     method = get_method(config.method)
     models = load_models(config, workdir)
     (split_volumes, index, compile_seconds), total_seconds = timed(
@@ -316,6 +315,19 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
                    "seconds_per_volume": score_seconds / max(num_volumes, 1),
                    "metric_seconds": seconds},
     }
+    with atomic.staged_dir(out_dir) as stage:  # all outputs of this evaluation, or none
+        _write_outputs(str(stage), summary, rows, sources, processed, config)
+    print(results_table(all_results))
+    return summary
+
+
+def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
+    """results.json, calibration.json, subjects.csv, report.md and its figures."""
+    from uadjax import report
+
+    all_results, calibration, timing = summary["results"], summary["calibration"], summary["timing"]
+    num_slices, score_seconds = timing["slices_scored"], timing["score_seconds"]
+    compile_seconds = timing["compile_seconds"]
     atomic.write_json(os.path.join(out_dir, "results.json"), summary)
     atomic.write_json(os.path.join(out_dir, "calibration.json"), calibration)
     write_subjects_csv(os.path.join(out_dir, "subjects.csv"), rows)
@@ -332,8 +344,6 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
         f"threshold. Scoring: {num_slices} slices in {score_seconds:.1f} s (plus "
         f"{compile_seconds:.1f} s compiling).",
         sections=sections)
-    print(table)
-    return summary
 
 
 def _figures(out_dir, sources, processed, all_results, config) -> list[str]:

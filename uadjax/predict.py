@@ -133,14 +133,28 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
                                            median_size=pp["median_size"])
     segmentation = postprocess.binarize(score, calibration["threshold"],
                                         min_component_size=pp["min_component_size"])
-    anomaly_path = out_prefix.with_name(out_prefix.name + "_anomaly.nii.gz")
-    seg_path = out_prefix.with_name(out_prefix.name + "_segmentation.nii.gz")
-    png_path = out_prefix.with_name(out_prefix.name + "_overview.png")
-    preprocess.save_native_map(anomaly_path, score.astype(np.float32), volume.geometry, order=1)
-    preprocess.save_native_map(seg_path, segmentation.astype(np.uint8), volume.geometry, order=0)
-    save_overview(png_path, volume.images[..., 0], score, segmentation,
-                  threshold=calibration["threshold"])
+    anomaly_path, seg_path, png_path = output_paths(out_prefix)
+    written = []
+    try:  # the three outputs of a scan appear together or not at all
+        preprocess.save_native_map(anomaly_path, score.astype(np.float32), volume.geometry,
+                                   order=1)
+        written.append(anomaly_path)
+        preprocess.save_native_map(seg_path, segmentation.astype(np.uint8), volume.geometry,
+                                   order=0)
+        written.append(seg_path)
+        save_overview(png_path, volume.images[..., 0], score, segmentation,
+                      threshold=calibration["threshold"])
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return [anomaly_path, seg_path, png_path]
+
+
+def output_paths(out_prefix: Path) -> list[Path]:
+    """The anomaly map, segmentation and overview written for `out_prefix` = <out>/<name>."""
+    return [out_prefix.with_name(out_prefix.name + s)
+            for s in ("_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png")]
 
 
 def save_overview(path: Path, image, score, segmentation, *, threshold: float) -> None:
@@ -186,16 +200,17 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
         raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
                            "segmentation threshold was calibrated")
     scans = find_scans(input_path, tuple(config.data.modalities))
+    if not scans:
+        raise DataError(input_path, f"no NIfTI scans ({' or '.join(NIFTI_SUFFIXES)}) of the "
+                                    f"modalities {list(config.data.modalities)} found")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    atomic.check_writable(out)
     scorer = make_batch_scorer(get_method(config.method).score_fn, models, config,
                                parallel.make_mesh(1), seed=config.eval.seed)
     report = PredictReport()
     for name, files in tqdm(sorted(scans.items()), disable=not progress, desc="predict"):
         prefix = out / name
-        targets = [prefix.with_name(name + s) for s in ("_anomaly.nii.gz",
-                                                         "_segmentation.nii.gz",
-                                                         "_overview.png")]
+        targets = output_paths(prefix)
         if not overwrite and all(t.exists() for t in targets):
             report.skipped.append(name)
             continue
@@ -206,6 +221,32 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
         try:
             report.written.extend(predict_scan(files, prefix, config=config, scorer=scorer,
                                                calibration=calibration, brain_mask=brain_mask))
-        except (DataError, ValueError, OSError) as err:
+        except OSError as err:
+            if atomic.is_write_error(err) and _under(err.filename, out):
+                raise OutputError(err, report, len(scans)) from err
+            report.failures.append((str(next(iter(files.values()))), str(err)))
+        except (DataError, ValueError) as err:
             report.failures.append((str(next(iter(files.values()))), str(err)))
     return report
+
+
+class OutputError(OSError):
+    """The output folder stopped taking files (disk full, read-only, permissions): the
+    batch stops, since every further scan would fail the same way."""
+
+    def __init__(self, err: OSError, report: PredictReport, total: int):
+        done = len(report.written) // 3 + len(report.skipped)
+        super().__init__(err.errno, f"cannot write {err.filename}: {err.strerror}. "
+                                    f"{done} of {total} scans are complete; no partial outputs "
+                                    "were left. Rerun the same command once there is space "
+                                    "(or permission): finished scans are skipped.")
+        self.filename = err.filename
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _under(path, folder: Path) -> bool:
+    if not path:
+        return False
+    return Path(path).resolve().is_relative_to(folder.resolve())
