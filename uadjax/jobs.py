@@ -91,7 +91,8 @@ def _ensure_shards(config, *, progress: bool) -> dict:
     if report.failures:
         print(f"WARNING: {len(report.failures)} subject(s) skipped (listed above)")
     if not report.num_records.get(schema.TRAIN):
-        raise RuntimeError(f"{source}: no training slices could be prepared")
+        raise schema.DataError(Path(source) / "manifest.json", "no training subject could be "
+                               "prepared (the failures are listed above)")
     return builder.load_volumes_index(config.data.data_dir, config.data)
 
 

@@ -14,6 +14,7 @@ Config overrides: `--config.train.num_steps=100`; unknown keys are errors.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -61,11 +62,26 @@ def main(argv):
     from uadjax import parallel  # imported after flag parsing, before JAX picks devices
 
     parallel.initialize_distributed()
+    from uadjax.checkpointing import CheckpointError
+    from uadjax.train import NonFiniteLossError
+
     try:
         _dispatch(mode)
-    except (FileNotFoundError, FileExistsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DataError, CheckpointError, NonFiniteLossError, ValueError, OSError) as err:
+        # User errors: bad data, checkpoints of another run, unusable config values, missing
+        # inputs, full or unwritable output folders. The message names the input and the
+        # problem; a traceback would hide it (UADJAX_DEBUG=1 shows one).
+        if os.environ.get("UADJAX_DEBUG"):
+            raise
+        message = _os_error_message(err) if isinstance(err, OSError) else str(err)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _os_error_message(err: OSError) -> str:
+    if err.filename and err.strerror and str(err.filename) not in err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return err.strerror or str(err)
 
 
 def _dispatch(mode: str) -> None:
@@ -89,9 +105,33 @@ def _dispatch(mode: str) -> None:
         jobs.run_all(config, _require(_WORKDIR, mode))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error (no traceback) for a config file that fails
+    to load or an override of a key that does not exist."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:  # a bad flag value, or a config file that fails to load
+        # config_flags puts the config file's traceback in the message: keep its first line
+        # (the flag) and its last (the exception).
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print("error: " + " ".join(dict.fromkeys([lines[0], lines[-1]])), file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        overrides = [a for a in argv if a.startswith("--config.")]
+        key = str(err).strip("\"'")
+        culprit = next((a for a in overrides if key and key in a.split("=")[0]), None)
+        if culprit:
+            print(f"error: {culprit.split('=')[0]}: the config has no key {key!r}",
+                  file=sys.stderr)
+        else:
+            config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+            print(f"error: {config_arg}: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run():
     """Console-script entry point (`uadjax <mode> ...`)."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
