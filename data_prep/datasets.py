@@ -157,14 +157,19 @@ def main(argv=None) -> int:
     if args.shards and written:
         from uadjax.data import builder
 
-        if args.data_config:
-            config = load_config(args.data_config)
-        else:
-            config = data_configs.get_config(preset.data_config if preset else "paper")
-        config.modalities = modalities
-        config.dataset = args.name or "_".join(s.spec.name for s in sources)
         start = time.perf_counter()
-        shards = builder.prepare_dataset(args.out, args.shards, config, progress=not args.quiet)
+        try:
+            if args.data_config:
+                config = load_config(args.data_config)
+            else:
+                config = data_configs.get_config(preset.data_config if preset else "paper")
+            config.modalities = modalities
+            config.dataset = args.name or "_".join(s.spec.name for s in sources)
+            shards = builder.prepare_dataset(args.out, args.shards, config,
+                                             progress=not args.quiet)
+        except (DataError, ValueError, OSError) as err:
+            print(f"error: shards: {err}", file=sys.stderr)
+            return 2
         print(shards.summary())
         print(f"shards: {time.perf_counter() - start:.1f} s")
         report.failures += shards.failures

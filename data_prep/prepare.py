@@ -5,18 +5,18 @@
 
 The shard name is '<dataset>_<modalities>_<size>[_<normalisation>]'; the dataset name is
 the manifest's `dataset` unless --dataset_name is given. Subjects that fail are skipped and
-listed at the end; the exit status is 1 if any failed (the others are still written).
+listed at the end; the exit status is 1 if any failed (the others are still written) and
+2 if nothing could be prepared (the error names each input and its problem).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
-from uadjax.data import builder
+from uadjax.data import builder, nifti
 from uadjax.data.schema import DataError
 
 
@@ -45,16 +45,21 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    """Runs the preparation; returns the exit status (0: all subjects written)."""
+    """Runs the preparation; returns the exit status.
+
+    0: every subject written; 1: some failed (listed; the others are written); 2: nothing
+    could be prepared (bad config, missing or empty manifest, every subject failed).
+    """
     args = parse_args(argv)
-    config = load_config(args.config)
-    if args.modalities:
-        config.modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     try:
+        config = load_config(args.config)
+        if args.modalities:
+            config.modalities = tuple(m.strip() for m in args.modalities.split(",")
+                                      if m.strip())
         if args.dataset_name:
             config.dataset = args.dataset_name
         else:
-            manifest = json.loads((Path(args.dataset_dir) / "manifest.json").read_text())
+            manifest = nifti.read_manifest(args.dataset_dir)
             config.dataset = str(manifest.get("dataset", config.dataset))
         report = builder.prepare_dataset(args.dataset_dir, args.out, config,
                                          progress=not args.quiet)

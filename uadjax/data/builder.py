@@ -21,8 +21,10 @@ where `offset` is the subject's first record in its split (evaluation splits hol
 0..num_slices-1).
 
 `prepare_dataset` preprocesses every subject first (failures are collected, the others go
-on), caches the volumes as .npy in a temporary folder, builds the shards into that folder and
+on), caches the volumes as .npz in a temporary folder, builds the shards into that folder and
 renames the finished version folder into place, so no half-written shards are ever visible.
+When no subject can be prepared it raises `DataError` listing every failure and writes
+nothing. The cache is read back with `allow_pickle=False` (`load_cached_volume`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class UadjaxSlices(tfds.core.GeneratorBasedBuilder):
         for entry in self._subjects:
             if entry["split"] != split:
                 continue
-            arrays = np.load(self._cache_dir / f"{entry['id']}.npz")
+            arrays = load_cached_volume(self._cache_dir / f"{entry['id']}.npz")
             indices = (entry["train_slice_indices"] if split == TRAIN
                        else range(entry["num_slices"]))
             for i in indices:
@@ -109,6 +111,37 @@ class UadjaxSlices(tfds.core.GeneratorBasedBuilder):
                     "slice_index": np.int32(i),
                     "kind": entry["kind"],
                 }
+
+
+CACHE_KEYS = ("images", "brain_mask", "seg")
+
+
+def load_cached_volume(path) -> dict:
+    """Reads one preprocessed volume cached by `prepare_dataset` (`<id>.npz`).
+
+    Never unpickles: an object array in the file is refused, not executed.
+
+    Returns:
+      {"images": [D, H, W, M], "brain_mask": [D, H, W], "seg": [D, H, W]}.
+
+    Raises:
+      DataError: the file is unreadable, lacks an array, or holds pickled objects.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in CACHE_KEYS if key not in data.files]
+            if missing:
+                raise DataError(path, f"cached volume lacks the arrays {missing}")
+            return {key: data[key] for key in CACHE_KEYS}
+    except DataError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise DataError(path, "cached volume holds pickled Python objects; refusing to "
+                                  "load it") from None
+        raise DataError(path, f"unreadable cached volume ({err})") from None
+    except OSError as err:
+        raise DataError(path, f"unreadable cached volume ({err})") from None
 
 
 @dataclass
@@ -154,14 +187,12 @@ def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, pr
     Returns:
       (entries for volumes.json, failures).
     """
-    manifest = nifti.read_manifest(dataset_dir)
-    entries, failures, seen = [], [], set()
+    manifest = nifti.read_manifest(dataset_dir)  # ids checked: unique, safe as file names
+    entries, failures = [], []
     subjects = manifest["subjects"]
     for raw in tqdm(subjects, desc=f"preprocess {pp.builder_config_name}", disable=not progress):
-        sid = str(raw.get("id", "?"))
+        sid = raw["id"]
         try:
-            if sid in seen:
-                raise DataError(dataset_dir / "manifest.json", f"duplicate subject id {sid}")
             if raw.get("split") not in SPLITS:
                 raise DataError(dataset_dir / sid, f"unknown split {raw.get('split')!r}")
             files = nifti.subject_files(dataset_dir, raw, pp.modalities)
@@ -173,7 +204,6 @@ def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, pr
             failures.append({"subject": sid, "path": str(dataset_dir / sid),
                              "problem": f"{type(err).__name__}: {err}"})
             continue
-        seen.add(sid)
         train_idx = training_slice_indices(vol, min_brain_fraction=pp.min_brain_fraction,
                                            lesion_free_only=pp.train_lesion_free_only)
         np.savez(cache_dir / f"{sid}.npz", images=vol.images, brain_mask=vol.brain_mask,
@@ -187,6 +217,15 @@ def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, pr
             "geometry": vol.geometry.to_dict(),
         })
     return entries, failures
+
+
+def _nothing_prepared(failures: list, limit: int = 20) -> str:
+    """The error of a preparation where every subject failed, one line per failure."""
+    lines = [f"no subject could be prepared ({len(failures)} failed):"]
+    lines += [f"  {f['subject']}: {f['path']}: {f['problem']}" for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"  ... and {len(failures) - limit} more")
+    return "\n".join(lines)
 
 
 def _add_offsets(entries: list) -> dict:
@@ -217,7 +256,9 @@ def prepare_dataset(dataset_dir, data_dir, config, *, progress: bool = True) -> 
       The `PrepareReport`.
 
     Raises:
-      DataError: the manifest itself is missing or unreadable.
+      DataError: the manifest itself is missing, unreadable, lists no subject or a bad id,
+        or no subject could be prepared (the message lists each failure; shards prepared
+        earlier are left as they were).
     """
     pp = PreprocessConfig.from_config(config)
     tfds.disable_progress_bar()  # TFDS's own bars (per split) would mix with ours.
@@ -229,15 +270,13 @@ def prepare_dataset(dataset_dir, data_dir, config, *, progress: bool = True) -> 
         cache = tmp / "volumes"
         cache.mkdir()
         entries, failures = _preprocess_all(dataset_dir, pp, cache, progress)
+        if not entries:
+            raise DataError(dataset_dir / "manifest.json", _nothing_prepared(failures))
         totals = _add_offsets(entries)
         builder = UadjaxSlices(data_dir=str(tmp / "tfds"), preprocess_config=pp,
                                cache_dir=cache, subjects=entries)
-        if entries:
-            builder.download_and_prepare()
-            built = Path(builder.data_dir)
-        else:
-            built = tmp / "empty"
-            built.mkdir()
+        builder.download_and_prepare()
+        built = Path(builder.data_dir)
         index = {
             "config_name": pp.builder_config_name, "version": VERSION,
             "preprocess": pp.to_dict(), "dataset_dir": str(dataset_dir.resolve()),

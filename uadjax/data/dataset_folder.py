@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -82,23 +81,11 @@ def check_header(path: Path) -> tuple:
       (shape [3], affine [4, 4]); a 4D file with one volume counts as 3D.
 
     Raises:
-      DataError: unreadable, not 3D (4D with several volumes, 2D, 5D) or a zero-sized axis.
+      DataError: as `nifti.open_nifti`: missing, empty or unreadable file, not 3D (4D with
+        several volumes, 2D, 5D), a zero-sized axis, an absurd voxel size, or an image too
+        large for memory.
     """
-    try:
-        img = nib.load(str(path))
-        shape = tuple(int(n) for n in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as err:  # noqa: BLE001 - nibabel / OS errors: one meaning for the user.
-        raise DataError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})")
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) == 4:
-        raise DataError(path, f"4D file with {shape[3]} volumes (shape {shape}); uadjax "
-                              "needs one 3D volume per modality")
-    if len(shape) != 3:
-        raise DataError(path, f"expected a 3D volume, got shape {shape}")
-    if min(shape) < 1:
-        raise DataError(path, f"zero-sized axis in shape {shape}")
+    _, shape, affine = nifti.open_nifti(path)
     return shape, affine
 
 

@@ -1,23 +1,35 @@
 """NIfTI input/output with validation: every problem becomes a `DataError(path, problem)`.
 
-The loaders read the voxel data eagerly (inside a try) so that truncated or corrupt files
-fail here, with the file named, rather than later inside preprocessing.
+`open_nifti` checks the file and its header (existence, size, readability, dimensionality,
+voxel size, memory needed) before any voxel is read; the loaders then read the voxel data
+eagerly (inside a try) so that truncated or corrupt files fail here, with the file named,
+rather than later inside preprocessing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from uadjax import atomic
 from uadjax.data.schema import DataError
 
 # Default tolerance when comparing the affines of the files of one subject (mm / unitless).
 AFFINE_ATOL = 1e-3
+# Voxel sizes outside this range (mm) are taken for a broken header, not a scan.
+VOXEL_MM_RANGE = (0.01, 20.0)
+# Label maps (segmentations, brain masks) hold whole numbers in this range (CONTRACTS.md).
+LABEL_RANGE = (0, 255)
+GIB = 2.0 ** 30
+# Characters a subject id may not hold: it names files (`<id>.npz`, `<id>/...`).
+_UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -38,10 +50,191 @@ class Volume:
     header: nib.Nifti1Header
 
 
+# ----------------------------------------------------------------------------- file checks
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use (None when unknown).
+
+    `MemAvailable` of /proc/meminfo (else the physical memory), capped by a cgroup v2
+    memory limit when the process runs inside one.
+    """
+    sizes = [_meminfo_available(), _cgroup_available()]
+    sizes = [s for s in sizes if s is not None]
+    return min(sizes) if sizes else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_available() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        return max(int(limit) - used, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def check_memory(path, shape, *, copies: int = 1, what: str = "image") -> None:
+    """Refuses a volume whose float32 copy would not fit in the memory available.
+
+    Args:
+      path: named in the error.
+      shape: the volume's shape.
+      copies: number of float32 arrays of that shape held at once.
+      what: how the message names the volume.
+
+    Raises:
+      DataError: with the size needed and the size available.
+    """
+    need = float(np.prod([int(n) for n in shape], dtype=np.float64)) * 4 * copies
+    free = available_memory()
+    if free is not None and need > free:
+        raise DataError(path, f"{what} of shape {tuple(int(n) for n in shape)} would need "
+                              f"{_size(need)} as float32, more than the {_size(free)} of "
+                              "memory available")
+
+
+def _size(num_bytes: float) -> str:
+    """'178.8 GiB', '384.6 MiB', '3.9 KiB', '1000 B'."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def check_file(path: Path) -> None:
+    """Checks that `path` is a non-empty regular file this process can read.
+
+    Raises:
+      DataError: not found, a directory, not a regular file, not readable, or empty.
+    """
+    try:
+        if path.is_dir():
+            raise DataError(path, "is a directory, not a NIfTI file")
+        if not path.exists():
+            raise DataError(path, "file not found")
+        if not path.is_file():
+            raise DataError(path, "not a regular file")
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except PermissionError:
+        raise DataError(path, "not readable (permission denied)") from None
+    except OSError as err:
+        raise DataError(path, f"not readable ({err.strerror or err})") from None
+    if empty:
+        raise DataError(path, "empty file (0 bytes)")
+
+
+def check_shape(path, shape) -> tuple:
+    """The 3D shape of a header shape (trailing length-1 axes dropped).
+
+    Raises:
+      DataError: not 3D (2D, a 4D series of several volumes, 5D+) or a zero-sized axis.
+    """
+    shape = tuple(int(n) for n in shape)
+    full = shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
+        raise DataError(path, f"expected a 3D volume, got a 4D file with {shape[3]} volumes "
+                              f"(shape {full}); uadjax needs one 3D volume per modality")
+    if len(shape) != 3:
+        raise DataError(path, f"expected a 3D volume, got a {len(full)}D image of shape {full}")
+    if min(shape) < 1:
+        raise DataError(path, f"zero-sized axis in shape {full}: the image holds no voxel")
+    return shape
+
+
+def _raw_pixdim(path: Path, header) -> np.ndarray | None:
+    """pixdim[1:4] as stored (nibabel silently replaces 0 by 1 and negatives by their abs)."""
+    if not hasattr(header, "get_sform"):
+        return None
+    with ImageOpener(str(path)) as f:
+        raw = type(header).from_fileobj(f, check=False)
+    return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+
+
+def check_voxel_size(path: Path, img) -> np.ndarray:
+    """The affine of `img` after checking the voxel size it implies.
+
+    Raises:
+      DataError: a stored pixdim that is zero, negative or NaN when the affine is derived
+        from it, a non-finite or singular affine, or a voxel size outside `VOXEL_MM_RANGE`.
+    """
+    header = img.header
+    if hasattr(header, "get_sform") and int(header["sform_code"]) == 0:
+        pixdim = _raw_pixdim(path, header)
+        if pixdim is not None and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
+            raise DataError(path, f"absurd voxel size (pixdim {_mm(pixdim)} mm): voxel sizes "
+                                  "must be positive numbers")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    if not np.all(np.isfinite(affine)):
+        raise DataError(path, f"non-finite affine (voxel size {_mm(spacing)} mm)")
+    low, high = VOXEL_MM_RANGE
+    if np.any(spacing < low) or np.any(spacing > high):
+        raise DataError(path, f"absurd voxel size {_mm(spacing)} mm (expected {low:g} to "
+                              f"{high:g} mm per axis)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+        raise DataError(path, f"singular affine: the voxel axes (voxel size {_mm(spacing)} mm) "
+                              "are not independent")
+    return affine
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in np.asarray(values, dtype=np.float64)) + ")"
+
+
+def open_nifti(path):
+    """Opens a NIfTI file and checks it without reading its voxel data.
+
+    Args:
+      path: a `.nii` or `.nii.gz` file.
+
+    Returns:
+      (nibabel image, 3D shape, [4, 4] float64 affine).
+
+    Raises:
+      DataError: see `check_file`, `check_shape`, `check_voxel_size` and `check_memory`,
+        or a file nibabel cannot parse.
+    """
+    path = Path(path)
+    check_file(path)
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+    except Exception as err:  # noqa: BLE001 - nibabel, gzip, zlib, OS errors: same meaning.
+        raise DataError(path, f"unreadable or truncated NIfTI file ({type(err).__name__}: "
+                              f"{err})") from None
+    shape = check_shape(path, shape)
+    try:
+        affine = check_voxel_size(path, img)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a header nibabel cannot decode.
+        raise DataError(path, f"unreadable NIfTI header ({type(err).__name__}: {err})") from None
+    check_memory(path, shape)
+    return img, shape, affine
+
+
 def load_nifti(path, *, dtype=np.float32) -> Volume:
     """Reads a 3D NIfTI volume and checks it.
 
-    A 4D volume whose last axis has length 1 is squeezed to 3D.
+    Trailing length-1 axes (a 4D volume whose last axis has length 1) are dropped.
 
     Args:
       path: a `.nii` or `.nii.gz` file.
@@ -51,45 +244,60 @@ def load_nifti(path, *, dtype=np.float32) -> Volume:
       The `Volume` with `data [X, Y, Z]`.
 
     Raises:
-      DataError: the file is missing, unreadable or truncated, not 3D, or holds NaN/Inf.
+      DataError: any problem of `open_nifti`; truncated data; NaN/Inf voxels.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
+    img, shape, affine = open_nifti(path)
     try:
-        img = nib.load(str(path))
         data = np.asarray(img.dataobj)
     except Exception as err:  # noqa: BLE001 - nibabel, gzip, zlib, OS errors: same meaning.
-        raise DataError(path, f"unreadable or truncated NIfTI file ({type(err).__name__}: {err})")
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(path, f"expected a 3D volume, got shape {tuple(data.shape)}")
-    if min(data.shape) < 1:
-        raise DataError(path, f"empty volume, shape {tuple(data.shape)}")
-    data = data.astype(dtype, copy=False)
+        raise DataError(path, f"unreadable or truncated NIfTI file ({type(err).__name__}: "
+                              f"{err})") from None
+    data = data.reshape(shape).astype(dtype, copy=False)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise DataError(path, f"{bad} NaN/Inf voxels")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise DataError(path, "invalid (singular or non-finite) affine")
     return Volume(path=path, data=data, affine=affine, header=img.header)
+
+
+def check_label_values(path, data: np.ndarray) -> None:
+    """Label maps hold whole numbers in `LABEL_RANGE` (>0 = lesion or brain).
+
+    Raises:
+      DataError: non-integer values (an interpolated or probability map), negative values
+        or values above the range, with examples.
+    """
+    fractional = data != np.round(data)
+    if np.any(fractional):
+        examples = _values(np.unique(data[fractional])[:3])
+        raise DataError(path, f"unexpected label values {examples}: label maps hold whole "
+                              "numbers (a probability map or linearly interpolated labels?)")
+    low, high = LABEL_RANGE
+    outside = (data < low) | (data > high)
+    if np.any(outside):
+        examples = _values(np.unique(data[outside])[:5])
+        raise DataError(path, f"unexpected label values {examples}: label maps hold "
+                              f"{low}..{high} (0 = background, >0 = inside)")
+
+
+def _values(values) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
 
 
 def load_label(path) -> Volume:
     """Reads a label volume (segmentation or brain mask) as uint8 0/1.
 
     Args:
-      path: a NIfTI file; voxels > 0 become 1.
+      path: a NIfTI file of whole numbers 0..255; voxels > 0 become 1.
 
     Returns:
       The `Volume` with `data [X, Y, Z] uint8` in {0, 1}.
 
     Raises:
-      DataError: as `load_nifti`.
+      DataError: as `load_nifti`, or unexpected label values (`check_label_values`).
     """
     vol = load_nifti(path, dtype=np.float32)
+    check_label_values(vol.path, vol.data)
     return Volume(path=vol.path, data=(vol.data > 0).astype(np.uint8), affine=vol.affine,
                   header=vol.header)
 
@@ -140,21 +348,54 @@ class SubjectFiles:
 
 
 def read_manifest(dataset_dir) -> dict:
-    """Reads `<dataset_dir>/manifest.json`.
+    """Reads `<dataset_dir>/manifest.json` and checks its subject ids.
 
     Raises:
-      DataError: the manifest is missing, not JSON, or lacks `subjects`.
+      DataError: the folder or manifest is missing, the manifest is not JSON, lacks a
+        `subjects` list or lists none, or a subject id is missing, unsafe as a file name
+        (see `check_subject_id`) or listed twice.
     """
-    path = Path(dataset_dir) / "manifest.json"
+    root = Path(dataset_dir)
+    path = root / "manifest.json"
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
     if not path.is_file():
-        raise DataError(path, "manifest.json not found")
+        empty = not any(root.iterdir())
+        raise DataError(path, "manifest.json not found" + (
+            " (the dataset folder is empty)" if empty else ""))
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(path, f"unreadable manifest ({err})")
-    if not isinstance(manifest.get("subjects"), list):
+        raise DataError(path, f"unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("subjects"), list):
         raise DataError(path, "manifest has no 'subjects' list")
+    if not manifest["subjects"]:
+        raise DataError(path, "manifest lists no subjects: nothing to prepare")
+    seen = {}
+    for n, entry in enumerate(manifest["subjects"]):
+        sid = entry.get("id") if isinstance(entry, dict) else None
+        check_subject_id(path, sid, n)
+        key = sid.casefold()
+        if key in seen:
+            raise DataError(path, f"duplicate subject id {sid!r} (subjects {seen[key]} and "
+                                  f"{n}; ids must differ even ignoring case)")
+        seen[key] = n
     return manifest
+
+
+def check_subject_id(path, sid, index: int) -> None:
+    """Subject ids name files (`<id>.npz`, `<id>/...`): they must stay inside a folder.
+
+    Raises:
+      DataError: naming `path` when the id is missing, not a string, empty, starts with
+        '.', or holds a path separator or a control character.
+    """
+    if not isinstance(sid, str) or not sid.strip():
+        raise DataError(path, f"subject {index} has no id (got {sid!r})")
+    if sid.startswith(".") or _UNSAFE_ID.search(sid) or sid != sid.strip():
+        raise DataError(path, f"unsafe subject id {sid!r}: ids name files, so they may not "
+                              "start with '.', hold '/', '\\' or control characters, or "
+                              "begin or end with spaces")
 
 
 def subject_files(dataset_dir, entry: dict, modalities) -> SubjectFiles:
@@ -172,12 +413,18 @@ def subject_files(dataset_dir, entry: dict, modalities) -> SubjectFiles:
     root = Path(dataset_dir)
     sid = str(entry.get("id", "?"))
     files = entry.get("files", {}) or {}
+    if not isinstance(files, dict):
+        raise DataError(root / sid, f"subject {sid}: 'files' is not a mapping")
+    for key, name in files.items():
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise DataError(root / sid, f"subject {sid}: file of {key!r} is {name!r}, "
+                                        "not a path")
     images = {}
     for mod in modalities:
-        if mod not in files:
+        if not files.get(mod):
             raise DataError(root / sid, f"subject {sid} has no '{mod}' modality")
         path = root / files[mod]
-        if not path.is_file():
+        if not path.exists():
             raise DataError(path, f"file not found (modality '{mod}' of subject {sid})")
         images[mod] = path
     seg = root / files["seg"] if files.get("seg") else None

@@ -200,7 +200,7 @@ def load_template(path: str | None = None) -> Template:
     Returns:
       A `Template` on the phantom grid ([88, 104, 88] for the shipped asset).
     """
-    with np.load(path or ASSET_FILE) as data:
+    with np.load(path or ASSET_FILE, allow_pickle=False) as data:
         maps = {name: data[name].astype(np.float32) / 255.0 for name in TISSUE_MAPS}
         brainmask = data["brainmask"] > 0
         intensities = {

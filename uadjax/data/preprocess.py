@@ -103,8 +103,10 @@ class PreprocessConfig:
             value = values[field.name]
             if isinstance(value, list):
                 value = tuple(value)
-            if field.name == "modalities" and isinstance(value, str):
-                value = tuple(m.strip() for m in value.split(",") if m.strip())
+            if field.name == "modalities":  # 't2,flair' or ('t2,flair',) from a flag
+                items = value.split(",") if isinstance(value, str) else value
+                value = tuple(m.strip() for item in items for m in str(item).split(",")
+                              if m.strip())
             kwargs[field.name] = value
         return cls(**kwargs)
 
@@ -420,6 +422,29 @@ def normalise(x: np.ndarray, mask: np.ndarray, config: PreprocessConfig) -> np.n
 # ---------------------------------------------------------------------------- whole subject
 
 
+def check_contrast(subject: nifti.SubjectVolumes, mask: np.ndarray) -> None:
+    """Refuses a modality with nothing to normalise (normalisation would divide by zero).
+
+    Args:
+      subject: the loaded volumes.
+      mask: [X, Y, Z] bool brain mask on their grid (not empty).
+
+    Raises:
+      DataError: naming the modality's file when every voxel holds the same value, or
+        every brain voxel does.
+    """
+    for vol in subject.images.values():
+        lo, hi = float(vol.data.min()), float(vol.data.max())
+        if hi <= lo:
+            raise DataError(vol.path, f"constant image (every voxel is {lo:g}): no contrast "
+                                      "to normalise")
+        brain = vol.data[mask]
+        lo, hi = float(brain.min()), float(brain.max())
+        if hi <= lo:
+            raise DataError(vol.path, f"no contrast inside the brain mask (every brain voxel "
+                                      f"is {lo:g}): nothing to normalise")
+
+
 def preprocess_subject(subject: nifti.SubjectVolumes, config, *, subject_id: str = "",
                        kind: str = HEALTHY) -> PreprocessedVolume:
     """Runs the whole preprocessing path on one loaded subject.
@@ -434,7 +459,8 @@ def preprocess_subject(subject: nifti.SubjectVolumes, config, *, subject_id: str
       The `PreprocessedVolume` (images [D, H, W, M], brain_mask [D, H, W], seg [D, H, W]).
 
     Raises:
-      DataError: empty brain (mask file or non-zero voxels), or an empty slice range.
+      DataError: empty brain (mask file or non-zero voxels), a modality without contrast
+        (`check_contrast`), a resampled volume too large for memory, or an empty slice range.
     """
     config = PreprocessConfig.from_config(config)
     ref = subject.reference
@@ -445,6 +471,7 @@ def preprocess_subject(subject: nifti.SubjectVolumes, config, *, subject_id: str
         mask = np.any(np.stack([v.data != 0 for v in subject.images.values()]), axis=0)
     if not np.any(mask):
         raise DataError(subject.brainmask.path if use_file else ref.path, "empty brain mask")
+    check_contrast(subject, mask)
 
     ornt = io_orientation(ref.affine)
     can_affine = ref.affine @ inv_ornt_aff(ornt, ref.data.shape)
@@ -459,6 +486,8 @@ def preprocess_subject(subject: nifti.SubjectVolumes, config, *, subject_id: str
     if np.allclose(before, after, atol=1e-4):
         after = before
     else:
+        nifti.check_memory(ref.path, resampled_shape(can_shape, before, after),
+                           copies=len(images) + 2, what="resampled image")
         images = [np.clip(resample(im, before, after, order=3), im.min(), im.max())
                   for im in images]
         mask = resample(mask, before, after, order=0)
