@@ -1,0 +1,334 @@
+"""Faults: kill -9 (also mid checkpoint write), corrupted checkpoints, non-finite updates,
+checkpoints of another config, full or unwritable output folders, same seed same result."""
+
+import copy
+import errno
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import ddpm
+from uadjax import atomic, checkpointing, evaluate, jobs, predict, train
+from uadjax.methods import get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs `python -m uadjax.main <args>`, but SIGKILLs itself right after `Checkpointer.save`
+# of step $KILL_AFTER_SAVE_STEP returns, i.e. while orbax is still writing that step.
+_KILL_DURING_SAVE = """
+import os, signal, sys
+from uadjax import checkpointing, main
+kill_at = int(os.environ["KILL_AFTER_SAVE_STEP"])
+save = checkpointing.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    out = save(self, step, *args, **kwargs)
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+checkpointing.Checkpointer.save = save_then_die
+sys.argv = ["uadjax", *sys.argv[1:]]
+main.run()
+"""
+
+STEPS = 10
+
+
+def _config(tiny_data, **train):
+    config = ddpm.get_config("tiny")
+    config.data.phantom_dir = tiny_data.phantom_dir
+    config.data.data_dir = tiny_data.data_dir
+    config.train.update({"num_steps": STEPS, "checkpoint_every_steps": 1, "log_every_steps": 1,
+                         "val_every_steps": 0, "tensorboard": False, **train})
+    return config
+
+
+def _cli_args(config, workdir):
+    t = config.train
+    return ["train", "--config=configs/ddpm.py:tiny", f"--workdir={workdir}",
+            f"--config.data.phantom_dir={config.data.phantom_dir}",
+            f"--config.data.data_dir={config.data.data_dir}",
+            f"--config.train.num_steps={t.num_steps}",
+            f"--config.train.checkpoint_every_steps={t.checkpoint_every_steps}",
+            f"--config.train.log_every_steps={t.log_every_steps}",
+            "--config.train.val_every_steps=0", "--config.train.tensorboard=False"]
+
+
+def _env(**extra):
+    # The subprocesses share the session's persistent compilation cache (conftest.py): the
+    # reruns load the train step compiled before instead of compiling it again.
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def _stage():
+    return get_method("ddpm").stage("diffusion")
+
+
+def _train(config, workdir, **kwargs):
+    stage = _stage()
+    return train.train_stage(stage, config, str(workdir), jobs.make_train_data(config, stage),
+                             progress=False, **kwargs)
+
+
+def _saved_state(config, workdir, step=None):
+    stage = _stage()
+    _, state = train.init_state(stage, config, train.make_optimizer(config.train), seed=0)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"),
+                                      asynchronous=False)
+    try:
+        return jax.device_get(ckpt.restore(checkpointing.abstract_like(state), step=step))
+    finally:
+        ckpt.close()
+
+
+def _assert_same_weights(a, b):
+    for key in ("params", "ema_params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key]), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def _checkpoints(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "diffusion", "checkpoints")))
+
+
+def _finished_steps(workdir) -> int:
+    return max((int(n) for n in _checkpoints(workdir) if n.isdigit()), default=0)
+
+
+def test_kill9_at_random_moments_then_rerun_is_bitwise_identical(tiny_data, tmp_path):
+    config = _config(tiny_data)
+    straight = _train(config, tmp_path / "straight")["state"]
+    workdir = tmp_path / "killed"
+    args = [*_cli_args(config, workdir)]
+
+    # 1. killed while step 2's checkpoint is being written: a temporary folder is left.
+    out = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, *args], check=False, cwd=ROOT,
+                         env=_env(KILL_AFTER_SAVE_STEP="2"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    left = _checkpoints(workdir)
+    assert "1" in left and "2" not in left and any("tmp" in name for name in left), left
+
+    # 2., 3. killed at random moments once the resumed run is under way (seeded delays
+    # after its first new checkpoint; a kill may land in a step or in a checkpoint write).
+    rng = random.Random(0)
+    for resume_from in (1, None):
+        delay = rng.uniform(0.0, 0.3)
+        before = _finished_steps(workdir)
+        proc = subprocess.Popen([sys.executable, "-m", "uadjax.main", *args], cwd=ROOT,
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        deadline = time.monotonic() + 300
+        while _finished_steps(workdir) <= before and proc.poll() is None:
+            assert time.monotonic() < deadline, "the resumed run never saved a checkpoint"
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        log = proc.communicate(timeout=60)[0]
+        assert proc.returncode == -signal.SIGKILL, f"finished before the kill at +{delay:.2f} s"
+        assert f"resuming from the checkpoint of step {resume_from or ''}" in log, log[-2000:]
+        assert _finished_steps(workdir) < STEPS
+
+    # 3. the same command again finishes the run.
+    out = subprocess.run([sys.executable, "-m", "uadjax.main", *args], check=False, cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming from the checkpoint of step" in out.stdout
+    assert not any("tmp" in name for name in _checkpoints(workdir))
+    _assert_same_weights(_saved_state(config, str(workdir)), jax.device_get(straight))
+
+
+def _flip_bytes(step_dir):
+    """Flips one byte in the middle of every array file of a checkpoint step."""
+    files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+    assert files
+    for name in files:
+        data = bytearray(Path(name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path(name).write_bytes(bytes(data))
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_path):
+    config = _config(tiny_data, num_steps=4, checkpoint_every_steps=2)
+    straight = _train(config, tmp_path / "straight")["state"]
+    workdir = tmp_path / "run"
+    _train(config, workdir)
+    ckpt_dir = workdir / "diffusion" / "checkpoints"
+    _flip_bytes(ckpt_dir / "4")  # OCDBT alone would restore these as wrong weights
+    with pytest.warns(UserWarning, match="falling back to step 2.*integrity check failed"):
+        assert int(_saved_state(config, str(workdir))["step"]) == 2
+    # Training resumes from step 2, sets the bad step aside and redoes it exactly.
+    config.train.num_steps = 4
+    with pytest.warns(UserWarning, match="falling back to step 2"):
+        resumed = _train(config, workdir)
+    assert resumed["step"] == 4
+    assert os.listdir(str(ckpt_dir) + "_corrupt")[0].startswith("4-")
+    _assert_same_weights(jax.device_get(resumed["state"]), jax.device_get(straight))
+
+
+def test_half_written_or_unreadable_checkpoints(tiny_data, tmp_path):
+    config = _config(tiny_data, num_steps=4, checkpoint_every_steps=2)
+    workdir = tmp_path / "run"
+    _train(config, workdir)
+    ckpt_dir = workdir / "diffusion" / "checkpoints"
+    # A step folder that never got renamed (killed mid-write) is ignored and removed.
+    os.rename(ckpt_dir / "4", ckpt_dir / "4.orbax-checkpoint-tmp-1")
+    assert int(_saved_state(config, str(workdir))["step"]) == 2
+    # Every step unreadable: an error naming the folder and each step, never a silent restart.
+    for step in ("2",):
+        for name in glob.glob(str(ckpt_dir / step / "state" / "ocdbt.process_0" / "d" / "*")):
+            Path(name).write_bytes(b"")
+    with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint can be restored.*step 2"):
+        _train(config, workdir)
+
+
+def test_checkpoint_of_another_method_or_network_is_refused(tiny_data, tmp_path):
+    config = _config(tiny_data, num_steps=2, checkpoint_every_steps=2)
+    _train(config, tmp_path / "run")
+    wider = copy.deepcopy(config)
+    wider.model.base_channels = 16
+    with pytest.raises(checkpointing.CheckpointError, match=r"differs .* model\.base_channels"):
+        _train(wider, tmp_path / "run")
+    other = copy.deepcopy(config)
+    other.method = "pddpm"
+    with pytest.raises(checkpointing.CheckpointError, match="trained by method 'ddpm'"):
+        train.load_stage_models(other, str(tmp_path / "run"), _stage())
+
+
+class _NanBatches:
+    """The wrapped batches, with NaN images at the given batch indices."""
+
+    def __init__(self, it, bad):
+        self.it, self.bad, self.count = it, set(bad), 0
+
+    def __next__(self):
+        batch = dict(next(self.it))
+        if self.count in self.bad:
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        self.count += 1
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, capsys):
+    config = _config(tiny_data, num_steps=5, checkpoint_every_steps=5, on_non_finite="skip",
+                     max_skipped_steps=1)
+    stage = _stage()
+    data = jobs.make_train_data(config, stage)
+    data.train_iter = _NanBatches(data.train_iter, bad={2})
+    out = train.train_stage(stage, config, str(tmp_path / "skip"), data, progress=False)
+    assert out["finished"] and "non-finite loss or gradient at step(s) [3]" in capsys.readouterr().out
+    saved = _saved_state(config, str(tmp_path / "skip"))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+    # Past max_skipped_steps the run stops, naming the step; the checkpoint stays finite.
+    data = jobs.make_train_data(config, stage)
+    data.train_iter = _NanBatches(data.train_iter, bad={1, 3})
+    with pytest.raises(train.NonFiniteLossError, match="last at step 4"):
+        train.train_stage(stage, config, str(tmp_path / "stop"), data, progress=False)
+
+
+def _two_scans(tiny_run, folder):
+    root = jobs.dataset_dir(tiny_run)
+    ids = sorted(p.name for p in root.iterdir() if p.is_dir())[:2]
+    folder.mkdir()
+    for sid in ids:
+        (folder / f"{sid}.nii.gz").write_bytes((root / sid / f"{sid}_t2.nii.gz").read_bytes())
+    return ids
+
+
+def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
+        tiny_run, tmp_path, monkeypatch):
+    ids = _two_scans(tiny_run, tmp_path / "in")
+    out = tmp_path / "out"
+    real_save = predict.preprocess.save_native_map
+    calls = []
+
+    def full_after_three_files(path, *args, **kwargs):  # scan 1: 2 maps, scan 2: 1 map
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(predict.preprocess, "save_native_map", full_after_three_files)
+    with pytest.raises(predict.OutputError, match=r"No space left on device. 1 of 2 scans"):
+        predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out), progress=False)
+    assert sorted(os.listdir(out)) == sorted(f"{ids[0]}{s}" for s in (
+        "_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png"))
+    monkeypatch.setattr(predict.preprocess, "save_native_map", real_save)
+    report = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out),
+                                   progress=False)
+    assert report.skipped == [ids[0]] and len(report.written) == 3 and report.ok
+    assert len(os.listdir(out)) == 6
+
+
+def test_unwritable_output_folder_fails_before_any_work(tiny_run, tmp_path):
+    _two_scans(tiny_run, tmp_path / "in")
+    # /sys is read-only even for root; the CLI reports it in one line, with no traceback.
+    out = subprocess.run(
+        [sys.executable, "-m", "uadjax.main", "predict", f"--workdir={tiny_run.workdir}",
+         f"--input={tmp_path / 'in'}", "--output=/sys/uadjax-out"], check=False, cwd=ROOT,
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "error: /sys/uadjax-out: cannot write to the output folder" in out.stderr
+    assert "Traceback" not in out.stderr
+    with pytest.raises(OSError, match="cannot write to the output folder"):
+        evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir="/sys/uadjax-eval",
+                                progress=False)
+
+
+def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_path, monkeypatch):
+    out_dir = tmp_path / "eval"
+    first = evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+                                    progress=False)
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "report.md")
+
+    monkeypatch.setattr("uadjax.report.write_report", full)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+                                progress=False)
+    after = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert after == before  # no staging folder, no new results.json beside an old report
+    monkeypatch.undo()
+    again = evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+                                    progress=False)
+    # Same seed, same scores: every metric of the rerun equals the first evaluation.
+    assert json.dumps(again["results"], sort_keys=True) == json.dumps(first["results"],
+                                                                     sort_keys=True)
+    assert not [p for p in os.listdir(out_dir) if p.startswith(".")]
+
+
+def test_same_seed_same_prediction(tiny_run, tmp_path):
+    _two_scans(tiny_run, tmp_path / "in")
+    for name in ("a", "b"):
+        report = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"),
+                                       str(tmp_path / name), progress=False)
+        assert report.ok and len(report.written) == 6
+    for path in sorted((tmp_path / "a").glob("*.nii.gz")):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(path)).dataobj),
+                                      np.asarray(nib.load(str(tmp_path / "b" / path.name)).dataobj))
+
+
+def test_check_writable_names_the_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot write to the output folder") as info:
+        atomic.check_writable(blocker / "sub")
+    assert info.value.filename == str(blocker / "sub")

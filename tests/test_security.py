@@ -1,0 +1,93 @@
+"""Nothing read from checkpoints, shards or caches can run code; no unsafe deserialiser is
+used anywhere in the package. (Cache files: tests/test_bad_input.py::
+test_cache_holding_a_pickle_is_refused_not_executed; ids that would leave the output folder:
+test_bad_input.py::test_unsafe_subject_ids and test_datasets.py.)"""
+
+import glob
+import os
+import pickle
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+from uadjax import checkpointing
+from uadjax.data import builder
+
+PACKAGE = Path(__file__).resolve().parents[1] / "uadjax"
+
+
+class _Payload:
+    """Unpickling this creates `marker`: it stands for any code a pickle can run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _malicious_pickle(marker) -> bytes:
+    return pickle.dumps({"state": _Payload(marker)})
+
+
+def _state(value):
+    return {"w": jnp.full((64,), value, jnp.float32), "step": jnp.int32(value)}
+
+
+def test_pickles_planted_in_a_checkpoint_are_never_executed(tmp_path):
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpointing.Checkpointer(str(directory), asynchronous=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), config={"method": "ddpm"})
+    ckpt.close()
+    marker = tmp_path / "pwned"
+    payload = _malicious_pickle(marker)
+
+    def plant(step):
+        step_dir = directory / str(step)
+        targets = [p for p in glob.glob(str(step_dir / "**"), recursive=True)
+                   if os.path.isfile(p) and "/d/" not in p]  # every non-array file
+        assert len(targets) >= 5
+        for path in targets:
+            Path(path).write_bytes(payload)
+        (step_dir / "state" / "checkpoint.pkl").write_bytes(payload)
+
+    plant(2)
+    ckpt = checkpointing.Checkpointer(str(directory), asynchronous=False)
+    abstract = checkpointing.abstract_like(_state(0))
+    with pytest.warns(UserWarning, match="falling back to step 1"):
+        assert int(ckpt.restore(abstract)["step"]) == 1
+    plant(1)
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint can be restored"):
+        ckpt.restore(abstract)
+    ckpt.close()
+    assert not marker.exists()
+
+
+def test_a_pickle_in_place_of_a_slice_record_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(Exception) as info:
+        builder.decode_record(_malicious_pickle(marker), (8, 8, 1))
+    assert not isinstance(info.value, (SystemExit, KeyboardInterrupt))
+    assert not marker.exists()
+
+
+# Modules and calls that deserialise executable objects. `allow_pickle=False` is the only
+# np.load form allowed; config files are Python by design (README: "Config files run code").
+_UNSAFE = re.compile(r"\bimport (pickle|cPickle|dill|cloudpickle|marshal|shelve|joblib)\b|"
+                     r"\bfrom (pickle|dill|cloudpickle|joblib) import|allow_pickle=True|"
+                     r"torch\.load\(|yaml\.load\(|\beval\(|\bexec\(|pd\.read_pickle")
+
+
+def test_the_package_uses_no_unsafe_deserialiser():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        offenders += [f"{path.relative_to(PACKAGE.parent)}: {m.group(0)}"
+                      for m in _UNSAFE.finditer(text)]
+        for call in re.finditer(r"np\.load\(([^)]*)\)", text):
+            if "allow_pickle=False" not in call.group(1):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}: {call.group(0)}")
+    assert not offenders, offenders
