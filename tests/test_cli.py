@@ -27,3 +27,55 @@ def test_predict_without_a_run_fails_clearly(tmp_path):
     out = _run("predict", f"--workdir={tmp_path}", f"--input={tmp_path}",
                f"--output={tmp_path / 'o'}")
     assert out.returncode != 0 and "not a trained run" in out.stderr
+
+
+# Bad input at the command line, for the modes that take a trained run: one line naming the
+# input and the problem, no traceback; exit 2 when nothing could be done, 1 when some
+# inputs failed and the others were written (reported one per line).
+
+
+def _tiny_args(tiny_run):
+    return ["--config=configs/ddpm.py:tiny", f"--config.data.phantom_dir={tiny_run.data.phantom_dir}",
+            f"--config.data.data_dir={tiny_run.data.data_dir}"]
+
+
+def _no_traceback(out):
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_predict_bad_inputs_are_reported_per_file(tiny_run, tmp_path):
+    from uadjax import jobs
+
+    root = jobs.dataset_dir(tiny_run)
+    sid = min(p.name for p in root.iterdir() if p.is_dir())
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "good scan é.nii.gz").write_bytes((root / sid / f"{sid}_t2.nii.gz").read_bytes())
+    (scans / "empty.nii.gz").write_bytes(b"")
+    (scans / "notes.nii").write_text("not an image")
+    out = _run("predict", f"--workdir={tiny_run.workdir}", f"--input={scans}",
+               f"--output={tmp_path / 'maps'}")
+    _no_traceback(out)
+    assert out.returncode == 1
+    assert "1 scan(s) written" in out.stdout and "2 failed" in out.stdout
+    assert "empty.nii.gz: empty file (0 bytes)" in out.stdout
+    assert "notes.nii: unreadable or truncated NIfTI file" in out.stdout
+    assert (tmp_path / "maps" / "good scan é_anomaly.nii.gz").is_file()
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    out = _run("predict", f"--workdir={tiny_run.workdir}", f"--input={empty}",
+               f"--output={tmp_path / 'maps2'}")
+    _no_traceback(out)
+    assert out.returncode == 2 and f"{empty}: no NIfTI scans" in out.stderr
+
+
+def test_evaluate_or_train_on_a_foreign_or_missing_run(tiny_run, tmp_path):
+    out = _run("evaluate", *_tiny_args(tiny_run), f"--workdir={tmp_path / 'never_trained'}")
+    _no_traceback(out)
+    assert out.returncode == 2 and "has no checkpoint" in out.stderr
+    # tiny_run is a DDPM run: resuming it as pDDPM is refused, naming both methods.
+    out = _run("train", "--config=configs/pddpm.py:tiny",
+               f"--config.data.phantom_dir={tiny_run.data.phantom_dir}",
+               f"--config.data.data_dir={tiny_run.data.data_dir}", f"--workdir={tiny_run.workdir}")
+    _no_traceback(out)
+    assert out.returncode == 2 and "trained by method 'ddpm'" in out.stderr

@@ -37,6 +37,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint: every saved step is unreadable, or it belongs to another run."""
 
 
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` holds a finished step folder (checked without creating anything)."""
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def host_copy(state):
     """`state` with every fully replicated array as one numpy copy (other arrays unchanged).
 

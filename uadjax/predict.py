@@ -27,6 +27,7 @@ from uadjax.data.schema import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_TAGS = ("_anomaly", "_segmentation")
+OUTPUT_SUFFIXES = ("_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png")
 
 
 @dataclasses.dataclass
@@ -36,11 +37,15 @@ class PredictReport:
     failures: list = dataclasses.field(default_factory=list)   # (path, problem)
 
     @property
+    def scans_written(self) -> int:
+        return len(self.written) // len(OUTPUT_SUFFIXES)
+
+    @property
     def ok(self) -> bool:
         return not self.failures
 
     def summary(self) -> str:
-        lines = [(f"predict: {len(self.written)} written, {len(self.skipped)} skipped "
+        lines = [(f"predict: {self.scans_written} scan(s) written, {len(self.skipped)} skipped "
                   f"(outputs exist), {len(self.failures)} failed")]
         lines += [f"  FAILED {path}: {problem}" for path, problem in self.failures]
         return "\n".join(lines)
@@ -153,8 +158,7 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
 
 def output_paths(out_prefix: Path) -> list[Path]:
     """The anomaly map, segmentation and overview written for `out_prefix` = <out>/<name>."""
-    return [out_prefix.with_name(out_prefix.name + s)
-            for s in ("_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png")]
+    return [out_prefix.with_name(out_prefix.name + s) for s in OUTPUT_SUFFIXES]
 
 
 def save_overview(path: Path, image, score, segmentation, *, threshold: float) -> None:
@@ -235,7 +239,7 @@ class OutputError(OSError):
     batch stops, since every further scan would fail the same way."""
 
     def __init__(self, err: OSError, report: PredictReport, total: int):
-        done = len(report.written) // 3 + len(report.skipped)
+        done = report.scans_written + len(report.skipped)
         super().__init__(err.errno, f"cannot write {err.filename}: {err.strerror}. "
                                     f"{done} of {total} scans are complete; no partial outputs "
                                     "were left. Rerun the same command once there is space "

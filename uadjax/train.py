@@ -366,13 +366,12 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
     """
     config = stage_config(config, stage.name)
     directory = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
+    if not checkpointing.has_checkpoint(directory):  # before orbax creates the folder
+        raise FileNotFoundError(
+            f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
+            f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
     ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
-                f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
         saved = _saved_config(ckpt)
         check_same_method(saved, config, directory)
         saved_train = saved.get("train") if saved else None
@@ -402,8 +401,11 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
       early (SIGTERM): later stages are then not started.
     """
     os.makedirs(workdir, exist_ok=True)
-    atomic.write_json(os.path.join(workdir, "config.json"),
-                      json.loads(config.to_json_best_effort()))
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.isfile(config_path):  # never overwrite another method's run description
+        with open(config_path, encoding="utf-8") as f:
+            check_same_method(json.load(f), config, workdir)
+    atomic.write_json(config_path, json.loads(config.to_json_best_effort()))
     method = get_method(config.method)
     active = method.active_stages(config)
     wanted = [s.name for s in active if stages is None or s.name in stages]
