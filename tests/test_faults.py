@@ -41,7 +41,7 @@ sys.argv = ["uadjax", *sys.argv[1:]]
 main.run()
 """
 
-STEPS = 10
+STEPS = 16
 
 
 def _config(tiny_data, **train):
@@ -105,7 +105,8 @@ def _finished_steps(workdir) -> int:
     return max((int(n) for n in _checkpoints(workdir) if n.isdigit()), default=0)
 
 
-def test_kill9_at_random_moments_then_rerun_is_bitwise_identical(tiny_data, tmp_path):
+def test_kill9_at_random_moments_and_sigterm_then_rerun_is_bitwise_identical(tiny_data,
+                                                                           tmp_path):
     config = _config(tiny_data)
     straight = _train(config, tmp_path / "straight")["state"]
     workdir = tmp_path / "killed"
@@ -139,7 +140,19 @@ def test_kill9_at_random_moments_then_rerun_is_bitwise_identical(tiny_data, tmp_
         assert f"resuming from the checkpoint of step {resume_from or ''}" in log, log[-2000:]
         assert _finished_steps(workdir) < STEPS
 
-    # 3. the same command again finishes the run.
+    # 4. SIGTERM (a preemption notice): the run saves the step it is at and exits cleanly.
+    before = _finished_steps(workdir)
+    proc = subprocess.Popen([sys.executable, "-m", "uadjax.main", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while _finished_steps(workdir) <= before and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log[-2000:]
+    saved = int(log.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
+    assert saved == _finished_steps(workdir) < STEPS
+
+    # 5. the same command again finishes the run.
     out = subprocess.run([sys.executable, "-m", "uadjax.main", *args], check=False, cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
