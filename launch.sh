@@ -5,6 +5,7 @@
 #   ./launch.sh test         the test suite
 #   ./launch.sh <mode> ...   any uadjax mode (phantom, prepare, train, evaluate, predict, run)
 #   ./launch.sh prepare_datasets ...   BraTS, IXI, ... folders -> a dataset folder (--list)
+#   ./launch.sh benchmark --methods=all --seeds=0,1,2   methods x seeds -> leaderboard
 #
 # Several hosts (TPU pod slice, multi-node GPU): start the same command on every host with
 #   JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i ./launch.sh train ...
@@ -45,6 +46,8 @@ case "$mode" in
     exec python -m pytest -q -n "$workers" "$@" ;;
   prepare_datasets)
     exec python -m data_prep.datasets "$@" ;;
+  benchmark)
+    exec python -m uadjax.benchmark "$@" ;;
   main)
     exec python -m uadjax.main run --config=configs/ddpm.py:cpu --workdir=runs/main "$@" ;;
   *)

@@ -304,8 +304,12 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
     calibration = calibrate(split_volumes, config.eval, processed[config.method])
     num_slices = sum(v.score.shape[0] for vols in split_volumes.values() for v in vols.values())
     num_volumes = sum(len(vols) for vols in split_volumes.values())
+    curves = pr_curves(split_volumes, processed[config.method])
+    for kind, curve in curves.items():
+        all_results[config.method]["kinds"].setdefault(kind, {})["pr_curve"] = curve
     summary = {
         "method": config.method, "modalities": list(config.data.modalities),
+        "reconstruction": reconstruction_summary(split_volumes),
         "spacing_mm": sorted(set(spacing.values())), "results": all_results, "calibration": calibration,
         "timing": {"score_seconds": score_seconds, "compile_seconds": compile_seconds,
                    "slices_scored": num_slices,
@@ -329,6 +333,8 @@ def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
     num_slices, score_seconds = timing["slices_scored"], timing["score_seconds"]
     compile_seconds = timing["compile_seconds"]
     atomic.write_json(os.path.join(out_dir, "results.json"), summary)
+    save_examples(os.path.join(out_dir, EXAMPLES_FILE), sources[config.method],
+                  processed[config.method], config.eval.num_figures)
     atomic.write_json(os.path.join(out_dir, "calibration.json"), calibration)
     write_subjects_csv(os.path.join(out_dir, "subjects.csv"), rows)
     table = results_table(all_results)
@@ -344,6 +350,83 @@ def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
         f"threshold. Scoring: {num_slices} slices in {score_seconds:.1f} s (plus "
         f"{compile_seconds:.1f} s compiling).",
         sections=sections)
+
+
+EXAMPLES_FILE = "examples.npz"
+
+
+def reconstruction_summary(split_volumes) -> dict | None:
+    """Reconstruction quality on the healthy test volumes (per-volume SSIM, PSNR, L1: mean,
+    std) and, per lesion kind, the L1 ratio = mean L1 on that kind's test volumes / mean L1
+    on the healthy ones (cDDPM's Table 2). None when the method reconstructs nothing.
+
+    The reconstruction is compared with the input channels it reproduces: all of them, or
+    the first C when it has C < M channels.
+    """
+    def l1_and_quality(vol):
+        channels = vol.reconstruction.shape[-1]
+        return metrics.reconstruction_quality(vol.image[..., :channels], vol.reconstruction,
+                                              vol.brain_mask)
+
+    healthy = [v for v in split_volumes.get(schema.TEST_HEALTHY, {}).values()
+               if v.reconstruction is not None]
+    if not healthy:
+        return None
+    per_volume = [l1_and_quality(v) for v in healthy]
+    out = {"healthy": {k: {"mean": float(np.mean([q[k] for q in per_volume])),
+                           "std": float(np.std([q[k] for q in per_volume])),
+                           "n": len(per_volume)} for k in ("ssim", "psnr", "l1")},
+           "l1_ratio": {}}
+    healthy_l1 = out["healthy"]["l1"]["mean"]
+    lesion = [v for v in split_volumes.get(schema.TEST_LESION, {}).values()
+              if v.reconstruction is not None]
+    for kind in sorted({v.kind for v in lesion}):
+        l1 = np.mean([l1_and_quality(v)["l1"] for v in lesion if v.kind == kind])
+        out["l1_ratio"][kind] = float(l1 / healthy_l1) if healthy_l1 > 0 else math.nan
+    return out
+
+
+def pr_curves(split_volumes, processed: dict, *, points: int = 200) -> dict:
+    """kind -> {'precision': [...], 'recall': [...]}: the pooled in-brain PR curve of the
+    test lesion volumes (post-processed scores, voxels subsampled as in the report's
+    figure), reduced to about `points` points for results.json."""
+    from sklearn.metrics import precision_recall_curve
+
+    from uadjax import report
+
+    test = split_volumes.get(schema.TEST_LESION, {})
+    out = {}
+    for kind in sorted({v.kind for v in test.values()}):
+        scores, labels = report.pooled_sample([v for v in test.values() if v.kind == kind],
+                                              processed)
+        if not labels.any():
+            continue
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        keep = np.unique(np.linspace(0, len(recall) - 1, points).astype(int))
+        out[kind] = {"precision": np.round(precision[keep], 5).tolist(),
+                     "recall": np.round(recall[keep], 5).tolist()}
+    return out
+
+
+def save_examples(path: str, split_volumes, processed: dict, per_kind: int) -> None:
+    """The slice with the largest lesion of the first `per_kind` test subjects (sorted ids)
+    of each lesion kind: image (channel 0), ground truth and post-processed score, as
+    `examples.npz` (plain arrays, no pickle), so a benchmark can show the same subjects
+    across methods."""
+    from uadjax import report
+
+    test = split_volumes.get(schema.TEST_LESION, {})
+    arrays = {}
+    for kind in sorted({v.kind for v in test.values()}):
+        ids = [s for s in sorted(test) if test[s].kind == kind][:per_kind]
+        picks = [(s, report.lesion_slice(test[s].seg)) for s in ids]
+        arrays[f"{kind}/ids"] = np.array([s for s, _ in picks], dtype=str)
+        arrays[f"{kind}/slice"] = np.array([k for _, k in picks], np.int32)
+        arrays[f"{kind}/image"] = np.stack([test[s].image[k, ..., 0] for s, k in picks])
+        arrays[f"{kind}/seg"] = np.stack([test[s].seg[k] for s, k in picks]).astype(np.uint8)
+        arrays[f"{kind}/score"] = np.stack([processed[s][k] for s, k in picks]).astype(np.float32)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _figures(out_dir, sources, processed, all_results, config) -> list[str]:

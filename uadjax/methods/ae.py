@@ -82,4 +82,5 @@ METHOD = Method(
     name="ae",
     stages=(Stage(name=STAGE, make_model=make_ae, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=lambda config: {"autoencoder": 1},
 )

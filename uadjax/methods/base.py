@@ -61,12 +61,15 @@ class Method:
       score_stages: the stages whose networks `score_fn` reads (None: every active stage);
         a pre-training stage used only to initialise a later one is left out, so scoring
         and prediction never load it.
+      network_evaluations: config -> {network: forward passes per scored slice} (the
+        benchmark's cost column; a sweep of T t values over P patches is T * P).
     """
 
     name: str
     stages: tuple[Stage, ...]
     score_fn: ScoreFn
     score_stages: tuple[str, ...] | None = None
+    network_evaluations: Callable[[Any], dict[str, float]] | None = None
 
     def active_stages(self, config) -> tuple[Stage, ...]:
         """The stages this config trains, in order."""

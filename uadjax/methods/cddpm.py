@@ -103,4 +103,6 @@ METHOD = Method(
     ),
     score_fn=score_fn,
     score_stages=("diffusion",),
+    network_evaluations=lambda config: {"encoder": 1,
+                                        "unet": ddpm.denoising_passes(config.diffusion)},
 )

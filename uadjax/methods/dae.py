@@ -106,4 +106,5 @@ METHOD = Method(
     name="dae",
     stages=(Stage(name=STAGE, make_model=make_denoiser, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=lambda config: {"unet": 1},
 )

@@ -137,8 +137,23 @@ def residual_score(image, rec, config) -> dict:
     return base.residual_score(image, rec, config.diffusion.get("residual", "l1"))
 
 
+def denoising_passes(dcfg) -> int:
+    """UNet passes per slice of `reconstruct`: one per test t (single step), or one per
+    sampler step of the partial-diffusion chain."""
+    if dcfg.score_mode == "single_step":
+        return len(dcfg.test_timesteps)
+    return sampler_steps(int(dcfg.partial_t_start), dcfg.partial_sampler,
+                         dcfg.get("partial_num_steps", None))
+
+
+def sampler_steps(t_start: int, sampler: str, num_steps) -> int:
+    """Network passes of a chain from t_start to 0: every step (DDPM) or the respaced ones."""
+    return int(num_steps) if sampler == "ddim" and num_steps else t_start + 1
+
+
 METHOD = Method(
     name="ddpm",
     stages=(Stage(name="diffusion", make_model=make_unet, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=lambda config: {"unet": denoising_passes(config.diffusion)},
 )

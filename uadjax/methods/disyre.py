@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from uadjax import diffusion
+from uadjax.inference.patches import patch_positions
 from uadjax.inference.sliding_window import gaussian_importance, sliding_window
 from uadjax.inference.sweep import sweep
 from uadjax.methods.base import Method, Stage
@@ -421,8 +422,18 @@ def score_fn(models, batch, key, config):
                           chunk_size=scfg.get("window_chunk", None))
 
 
+def network_evaluations(config) -> dict[str, float]:
+    """Windows x test labels restorer passes per slice (on P x P windows, not whole slices)."""
+    scfg = config.disyre
+    size = int(scfg.patch_size)
+    h, w = config.data.image_size
+    windows = patch_positions((max(h, size), max(w, size)), size, int(scfg.window_step))
+    return {"restorer (window)": windows.shape[0] * int(scfg.num_test_timesteps)}
+
+
 METHOD = Method(
     name="disyre",
     stages=(Stage(name=STAGE, make_model=make_restorer, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=network_evaluations,
 )

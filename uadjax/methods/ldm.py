@@ -430,4 +430,9 @@ METHOD = Method(
     ),
     score_fn=score_fn,
     score_stages=("calibrate",),
+    network_evaluations=lambda config: {
+        "vq-vae encoder": 1, "vq-vae decoder": 1,
+        "latent unet": len(config.ldm.kl_timesteps) + ddpm.sampler_steps(
+            int(config.ldm.resample_t_start), config.ldm.resample_sampler,
+            config.ldm.get("resample_num_steps", None))},
 )

@@ -207,8 +207,15 @@ def score_fn(models, batch, key, config):
     return residual_score(image, rec, config)
 
 
+def network_evaluations(config) -> dict[str, float]:
+    """T test t values x P sliding positions passes of the UNet (with its MAE module)."""
+    positions = sliding_corners(tuple(config.data.image_size), config.patch).shape[0]
+    return {"unet+mae": len(config.diffusion.test_timesteps) * positions}
+
+
 METHOD = Method(
     name="maediff",
     stages=(Stage(name="diffusion", make_model=make_network, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=network_evaluations,
 )

@@ -319,6 +319,17 @@ def dataset_minmax(maps: np.ndarray) -> np.ndarray:
     return np.zeros_like(maps) if hi <= lo else (maps - lo) / (hi - lo)
 
 
+def network_evaluations(config) -> dict[str, float]:
+    """f and g passes per slice: masks x DDIM steps of f and one g per mask (one of each for
+    the Cyclic UNet)."""
+    if _forward_kind(config) == "unet":
+        return {"f": 1, "g": 1}
+    c = config.mmccd
+    masks = len(band_masks(tuple(config.data.image_size), c.band_width, c.test_stride,
+                           tuple(c.directions)))
+    return {"f": masks * int(c.ddim_steps), "g": masks}
+
+
 def score_fn(models, batch, key, config):
     """-> {'score': [B, H, W], 'reconstruction': [B, H, W, M]} (see the module docstring).
 
@@ -351,4 +362,5 @@ METHOD = Method(
         Stage(name="backward", make_model=make_backward, loss_fn=backward_loss_fn),
     ),
     score_fn=score_fn,
+    network_evaluations=network_evaluations,
 )

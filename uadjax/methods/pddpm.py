@@ -190,8 +190,16 @@ def score_fn(models, batch, key, config):
     return residual_score(image, rec, config)
 
 
+def network_evaluations(config) -> dict[str, float]:
+    """T test t values x P patch positions UNet passes per slice."""
+    pcfg = config.patch
+    positions = patch_masks(tuple(config.data.image_size), pcfg.size, pcfg.stride).shape[0]
+    return {"unet": len(config.diffusion.test_timesteps) * positions}
+
+
 METHOD = Method(
     name="pddpm",
     stages=(Stage(name="diffusion", make_model=make_unet, loss_fn=loss_fn),),
     score_fn=score_fn,
+    network_evaluations=network_evaluations,
 )

@@ -67,4 +67,5 @@ METHOD = Method(
     name="vae",
     stages=(Stage(name=ae.STAGE, make_model=make_vae, loss_fn=loss_fn),),
     score_fn=ae.score_fn,
+    network_evaluations=lambda config: {"autoencoder": 1},
 )

@@ -1,0 +1,201 @@
+"""The benchmark command: runs, resumes, aggregates over seeds, tests differences; the cost
+and reconstruction figures it reports, each against an independent computation."""
+
+import csv
+import importlib
+import io
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from uadjax import benchmark, metrics
+from uadjax.methods import get_method
+from uadjax.models import unet as unet_module
+
+# Config -> names of the networks in its declared count that are guided-diffusion UNets
+# (the counter below sees UNet passes only).
+UNET_NETWORKS = {
+    "ddpm:tiny,ens": ("unet",), "ddpm:tiny,anoddpm": ("unet",), "pddpm:tiny": ("unet",),
+    "cddpm:tiny": ("unet",), "maediff:tiny": ("unet+mae",),
+    "disyre:tiny": ("restorer (window)",), "mmccd:tiny": ("f", "g"),
+    "mmccd:tiny,cyclic": ("f", "g"), "ldm:tiny": ("latent unet",), "dae:tiny": ("unet",),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(UNET_NETWORKS))
+def test_declared_network_evaluations_match_the_unet_passes_counted_at_run_time(
+        spec, monkeypatch):
+    """Every UNet pass reports its rows through a debug callback (batched under vmap, once
+    per scan step): rows / slices must equal the method's declared count."""
+    rows = []
+    original = unet_module.UNet.__call__
+
+    def counted(self, x, *args, **kwargs):
+        marker = jnp.zeros((x.shape[0],))
+        for a in (x, *args):
+            if isinstance(a, jax.Array) and a.ndim and a.shape[0] == x.shape[0]:
+                marker = marker + 0 * a.reshape(a.shape[0], -1)[:, 0]
+        jax.debug.callback(lambda m: rows.append(np.size(m)), marker)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module.UNet, "__call__", counted)
+    name, _, arg = spec.partition(":")
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    method = get_method(config.method)
+    models = {s.name: s.make_model(config, nnx.Rngs(0)) for s in method.scoring_stages(config)}
+    h, w = config.data.image_size
+    batch = {"image": jnp.full((2, h, w, len(config.data.modalities)), 0.5),
+             "brain_mask": jnp.ones((2, h, w), jnp.uint8)}
+    jax.block_until_ready(jax.jit(lambda b, k: method.score_fn(models, b, k, config))(
+        batch, jax.random.key(0)))
+    jax.effects_barrier()
+    declared = method.network_evaluations(config)
+    assert sum(rows) / 2 == sum(declared[n] for n in UNET_NETWORKS[spec])
+
+
+def test_every_method_declares_its_network_evaluations():
+    from uadjax.methods import available_methods
+
+    for name in available_methods():
+        assert get_method(name).network_evaluations is not None, name
+
+
+def test_paired_permutation_p_equals_the_exact_sign_flip_test():
+    rng = np.random.default_rng(0)
+    a = rng.random(9)
+    b = a - 0.1 + 0.15 * rng.standard_normal(9)
+    d = a - b
+    observed = abs(d.mean())
+    flips = [abs((d * np.array(signs)).mean())
+             for signs in itertools.product((1, -1), repeat=len(d))]
+    exact = np.mean([f >= observed - 1e-12 for f in flips])
+    assert benchmark.paired_permutation_p(a, b) == pytest.approx(exact, abs=1e-9)
+    assert benchmark.paired_permutation_p(a, a) == 1.0
+
+
+def test_reconstruction_quality_against_closed_forms():
+    rng = np.random.default_rng(0)
+    image = rng.random((9, 12, 10, 1))
+    mask = np.zeros((9, 12, 10), bool)
+    mask[2:8, 3:10, 2:9] = True
+    rec = image + 0.05 * rng.standard_normal(image.shape)
+    q = metrics.reconstruction_quality(image, rec, mask)
+    x, r = np.where(mask[..., None], image, 0), np.where(mask[..., None], rec, 0)
+    data_range = image[mask].max() - min(image[mask].min(), 0)
+    assert q["psnr"] == pytest.approx(10 * np.log10(data_range ** 2 / np.mean((x - r) ** 2)))
+    assert q["l1"] == pytest.approx(np.abs(image - rec)[mask].mean())
+    same = metrics.reconstruction_quality(image, image, mask)
+    assert same["ssim"] == pytest.approx(1.0) and same["l1"] == 0.0
+    assert 0 < q["ssim"] < 1
+
+
+def test_paper_numbers_only_under_the_reproduced_protocol():
+    ddpm = benchmark.parse_entry("ddpm")
+    brats = {"modalities": ["t2"], "kinds": {"tumour": ["brats2021"]}}
+    paper = benchmark.Protocol(size="paper", budget="")
+    assert benchmark.paper_number(ddpm, "tumour", paper, brats)["dice"] == 44.25
+    assert benchmark.paper_number(ddpm, "tumour", benchmark.Protocol(), brats) is None
+    assert benchmark.paper_number(ddpm, "tumour", paper, None) is None  # the phantom
+    assert benchmark.paper_number(ddpm, "tumour", paper,
+                                  {"modalities": ["t1"], "kinds": {"tumour": ["brats2021"]}}) is None
+
+
+def test_parse_entries():
+    assert [e.key for e in benchmark.parse_entries("all")] == [e.key for e in benchmark.ENTRIES]
+    entry = benchmark.parse_entry("disyre:t1+multistep")
+    assert (entry.config, entry.train_modifiers, entry.test_modifiers) == ("disyre", "t1",
+                                                                          "multistep")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        benchmark.parse_entry("nope")
+
+
+def _bench_args(tiny_data, root, seeds="0,1"):
+    return ["--methods=ddpm,ddpm+ens,ae,threshold", "--size=tiny", "--budget=full",
+            f"--seeds={seeds}", f"--root={root}", f"--data_dir={tiny_data.data_dir}",
+            f"--override=data.phantom_dir={tiny_data.phantom_dir}"]
+
+
+def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, capsys):
+    root = tmp_path / "bench"
+    assert benchmark.main(_bench_args(tiny_data, root)) == 0
+    out = capsys.readouterr().out
+    assert "[1/6] DDPM seed 0: started" in out and "[6/6] AE seed 1: done" in out
+    assert "about" in out and "left" in out  # the estimate of what remains
+    board = json.loads((root / "leaderboard.json").read_text())
+    for name in board["figures"]:
+        assert (root / name).stat().st_size > 0
+    assert {"maps_tumour.png", "pr_tumour.png", "speed_accuracy.png"} <= set(board["figures"])
+
+    # Every aggregate equals the mean (and sample std) of the per-seed results files.
+    rows = {r["key"]: r for r in board["rows"]}
+    for key, source, eval_name in (("ddpm", "ddpm", "eval_benchmark"),
+                                   ("ddpm+ens", "ddpm", "eval_benchmark_ens"),
+                                   ("threshold", "threshold", "eval_benchmark")):
+        per_seed = []
+        for seed in (0, 1):
+            res = json.loads((root / "ddpm-tiny" / f"seed{seed}" / eval_name /
+                              "results.json").read_text())
+            per_seed.append(res["results"][source]["kinds"]["tumour"]["val"]["per_volume"])
+        got = rows[key]["kinds"]["tumour"]
+        dice = [p["dice"]["mean"] for p in per_seed]
+        assert got["dice"]["mean"] == pytest.approx(np.mean(dice))
+        assert got["dice"]["std"] == pytest.approx(np.std(dice, ddof=1))
+        assert got["auprc"]["mean"] == pytest.approx(np.mean([p["ap"]["mean"] for p in per_seed]))
+    assert rows["ddpm+ens"]["network_evaluations_per_volume"] == pytest.approx(
+        3 * rows["ddpm"]["network_evaluations_per_volume"])
+    assert rows["ddpm"]["reconstruction"]["ssim"]["n"] == 2
+    assert "reconstruction" not in rows["threshold"] or not rows["threshold"]["reconstruction"]
+    table = list(csv.DictReader(io.StringIO((root / "leaderboard.csv").read_text())))
+    assert {r["metric"] for r in table} >= {"dice", "auprc", "auroc", "dice_oracle",
+                                            "healthy_fp_ml", "seconds_per_volume", "ssim",
+                                            "l1_ratio", "network_evaluations_per_volume"}
+    md = (root / "leaderboard.md").read_text()
+    assert "best" in md and "### Reconstruction of healthy test subjects" in md
+    # Exactly one best per lesion kind; the others carry a p-value.
+    for kind in board["kinds"]:
+        marks = [r["kinds"][kind].get("best") for r in board["rows"]
+                 if math.isfinite(r["kinds"][kind]["dice"]["mean"])]
+        assert marks.count(True) == 1
+
+    # A rerun trains and evaluates nothing: the same leaderboard, read back from disk.
+    stamp = (root / "ddpm-tiny" / "seed0" / "eval_benchmark" / "results.json").stat().st_mtime
+    assert benchmark.main(_bench_args(tiny_data, root)) == 0
+    assert (root / "ddpm-tiny" / "seed0" / "eval_benchmark" /
+            "results.json").stat().st_mtime == stamp
+    again = json.loads((root / "leaderboard.json").read_text())
+    assert again["rows"] == board["rows"]
+
+
+def test_benchmark_reports_a_failed_run_and_ranks_the_others(tiny_data, tmp_path, capsys,
+                                                              monkeypatch):
+    root = tmp_path / "bench"
+    args = _bench_args(tiny_data, root, seeds="0")
+    args[0] = "--methods=ddpm,ae"
+    run_one = benchmark.run_one
+
+    def ae_fails(entry, *rest):
+        if entry.key == "ae":
+            raise RuntimeError("disk on fire")
+        return run_one(entry, *rest)
+
+    monkeypatch.setattr(benchmark, "run_one", ae_fails)
+    assert benchmark.main(args) == 1
+    out = capsys.readouterr().out
+    assert "AE seed 0: FAILED (RuntimeError: disk on fire)" in out
+    board = json.loads((root / "leaderboard.json").read_text())
+    assert [r["seeds"] for r in board["rows"]] == [1, 0]
+
+
+def test_benchmark_refuses_bad_arguments_before_running(tiny_data, tmp_path, capsys):
+    root = tmp_path / "bench"
+    assert benchmark.main([*_bench_args(tiny_data, root), "--override=train.nope=1"]) == 2
+    assert "the config has no key 'nope'" in capsys.readouterr().err
+    assert benchmark.main([*_bench_args(tiny_data, root), "--methods=ddpm,nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not list(root.glob("*/seed*"))  # nothing was started
