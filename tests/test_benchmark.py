@@ -199,3 +199,16 @@ def test_benchmark_refuses_bad_arguments_before_running(tiny_data, tmp_path, cap
     assert benchmark.main([*_bench_args(tiny_data, root), "--methods=ddpm,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not list(root.glob("*/seed*"))  # nothing was started
+
+
+def test_logged_train_seconds_of_runs_trained_elsewhere(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"train": {"batch_size": 16}, "stage_train": {"pretrain": {"batch_size": 8}}}))
+    for stage, lines in (("pretrain", [(50, 8.0), (100, 16.0)]), ("diffusion", [(100, 32.0)])):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("\n".join(
+            json.dumps({"step": s, "split": "train", "slices_per_s": v}) for s, v in lines)
+            + "\n" + json.dumps({"step": 100, "split": "val", "loss": 1.0}) + "\n")
+    expected = 50 * 8 / 8.0 + 50 * 8 / 16.0 + 100 * 16 / 32.0
+    assert benchmark.logged_train_seconds(str(tmp_path)) == pytest.approx(expected)
+    assert benchmark.logged_train_seconds(str(tmp_path / "missing")) is None
