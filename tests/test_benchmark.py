@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,17 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
             "results.json").stat().st_mtime == stamp
     again = json.loads((root / "leaderboard.json").read_text())
     assert again["rows"] == board["rows"]
+    assert again["machine"]["cpus"] == os.cpu_count()
+
+    # Publishing copies everything and regenerates only the README's marked section.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{benchmark.README_START}\nold\n{benchmark.README_END}\nafter\n")
+    benchmark.publish(str(root), str(tmp_path / "docs" / "lb"), str(readme))
+    text = readme.read_text()
+    assert text.startswith("# x\nbefore\n") and text.endswith(f"{benchmark.README_END}\nafter\n")
+    assert "\nold\n" not in text and "(docs/lb/speed_accuracy.png)" in text and "DDPM-ENS" in text
+    for name in ("leaderboard.md", "leaderboard.csv", *board["figures"]):
+        assert (tmp_path / "docs" / "lb" / name).is_file()
 
 
 def test_benchmark_reports_a_failed_run_and_ranks_the_others(tiny_data, tmp_path, capsys,
