@@ -39,7 +39,8 @@ def _perturbed(module, seed: int):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
 
 
-def _seconds(fn, repeats: int) -> float:
+def seconds_per_call(fn, repeats: int) -> float:
+    """Mean wall time of `fn()` over `repeats` calls after a compiling warm-up call."""
     jax.block_until_ready(fn())  # compile + warm up
     start = time.perf_counter()
     for _ in range(repeats):
@@ -61,7 +62,7 @@ def main(argv):
     models = {"forward": f, "backward": g}
 
     score = jax.jit(lambda b, k: mmccd.score_fn(models, b, k, config))
-    sweep_s = _seconds(lambda: score(batch, jax.random.key(0)), _REPEATS.value)
+    sweep_s = seconds_per_call(lambda: score(batch, jax.random.key(0)), _REPEATS.value)
 
     if c.forward == "unet":
         masks, steps = 1, 1
@@ -77,8 +78,8 @@ def main(argv):
     t = jnp.full((chunk_inputs,), 500, jnp.int32)
     call_f = jax.jit(lambda x, t: f(x, t))
     call_g = jax.jit(lambda x: g(x, None))
-    f_s = _seconds(lambda: call_f(xf, t), _REPEATS.value) / chunk_inputs
-    g_s = _seconds(lambda: call_g(xg), _REPEATS.value) / chunk_inputs
+    f_s = seconds_per_call(lambda: call_f(xf, t), _REPEATS.value) / chunk_inputs
+    g_s = seconds_per_call(lambda: call_g(xg), _REPEATS.value) / chunk_inputs
 
     f_calls = masks * steps * batch_size
     g_calls = masks * batch_size

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import time
 from collections.abc import Callable
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.mmccd_sweep import seconds_per_call
 from uadjax.inference.patches import patch_masks, patch_positions
 from uadjax.methods import get_method, maediff
 
@@ -91,14 +91,6 @@ def sweep_shape(name: str, config) -> SweepShape:
     raise ValueError(f"no sweep description for {name!r}")
 
 
-def _seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn())
-    return (time.perf_counter() - start) / repeats
-
-
 def measure(spec: str, size: str, batch: int, repeats: int) -> dict:
     name, _, modifiers = spec.partition(":")
     config = importlib.import_module(f"configs.{name}").get_config(
@@ -113,13 +105,13 @@ def measure(spec: str, size: str, batch: int, repeats: int) -> dict:
                                  jnp.float32),
             "brain_mask": jnp.ones((batch_size, h, w), jnp.uint8)}
     score = jax.jit(lambda b, k: method.score_fn({stage.name: net}, b, k, config))
-    sweep_s = _seconds(lambda: score(data, jax.random.key(0)), repeats)
+    sweep_s = seconds_per_call(lambda: score(data, jax.random.key(0)), repeats)
 
     shape = sweep_shape(name, config)
     n = shape.per_chunk * batch_size
     args = shape.plain_args(rng, n)
     plain = jax.jit(lambda *a: net(*a))
-    per_call = _seconds(lambda: plain(*args), repeats) / n
+    per_call = seconds_per_call(lambda: plain(*args), repeats) / n
     calls = shape.calls * batch_size
     return {"config": spec, "calls_per_slice": shape.calls, "chunk_inputs": n,
             "plain_per_s": 1 / per_call, "sweep_per_s": calls / sweep_s,

@@ -17,6 +17,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers_train import NanBatches
 
 from configs import ddpm
 from uadjax import atomic, checkpointing, evaluate, jobs, predict, train
@@ -218,39 +219,19 @@ def test_checkpoint_of_another_method_or_network_is_refused(tiny_data, tmp_path)
         train.load_stage_models(other, str(tmp_path / "run"), _stage())
 
 
-class _NanBatches:
-    """The wrapped batches, with NaN images at the given batch indices."""
-
-    def __init__(self, it, bad):
-        self.it, self.bad, self.count = it, set(bad), 0
-
-    def __next__(self):
-        batch = dict(next(self.it))
-        if self.count in self.bad:
-            batch["image"] = np.full_like(batch["image"], np.nan)
-        self.count += 1
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-
 def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, capsys):
     config = _config(tiny_data, num_steps=5, checkpoint_every_steps=5, on_non_finite="skip",
                      max_skipped_steps=1)
     stage = _stage()
     data = jobs.make_train_data(config, stage)
-    data.train_iter = _NanBatches(data.train_iter, bad={2})
+    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i == 2)
     out = train.train_stage(stage, config, str(tmp_path / "skip"), data, progress=False)
     assert out["finished"] and "non-finite loss or gradient at step(s) [3]" in capsys.readouterr().out
     saved = _saved_state(config, str(tmp_path / "skip"))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
     # Past max_skipped_steps the run stops, naming the step; the checkpoint stays finite.
     data = jobs.make_train_data(config, stage)
-    data.train_iter = _NanBatches(data.train_iter, bad={1, 3})
+    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i in (1, 3))
     with pytest.raises(train.NonFiniteLossError, match="last at step 4"):
         train.train_stage(stage, config, str(tmp_path / "stop"), data, progress=False)
 

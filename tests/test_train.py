@@ -7,6 +7,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from helpers_train import NanBatches
 
 from configs import ddpm
 from uadjax import checkpointing, jobs, parallel, train
@@ -79,7 +80,7 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_run, tmp_path):
                           val_every_steps=0)
     stage = _stage()
     data = jobs.make_train_data(config, stage)
-    data.train_iter = PoisonAfter(data.train_iter, after=3)  # the 4th batch (step 3) is NaN
+    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i >= 3)  # step 3 on: NaN
     workdir = str(tmp_path / "nan")
     with pytest.raises(train.NonFiniteLossError, match="at step 3"):
         train.train_stage(stage, config, workdir, data, progress=False)
@@ -91,40 +92,20 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_run, tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
 
 
-class PoisonAfter:
-    """Yields the wrapped batches, with NaN images from batch index `after` on."""
-
-    def __init__(self, it, after):
-        self.it, self.after, self.count = it, after, 0
-
-    def __next__(self):
-        batch = dict(next(self.it))
-        if self.count >= self.after:
-            batch["image"] = np.full_like(batch["image"], np.nan)
-        self.count += 1
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-
 def test_sigterm_saves_and_resume_finishes(tiny_run, tmp_path):
     config = _tiny_config(tiny_run, num_steps=5, checkpoint_every_steps=100, val_every_steps=0)
     stage = _stage()
     data = jobs.make_train_data(config, stage)
     inner = data.train_iter
 
-    class SigtermAfterTwo(PoisonAfter):
+    class SigtermAfterTwo(NanBatches):
         def __next__(self):
             if self.count == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
             self.count += 1
             return next(self.it)
 
-    data.train_iter = SigtermAfterTwo(inner, after=0)
+    data.train_iter = SigtermAfterTwo(inner, bad=lambda i: False)
     workdir = str(tmp_path / "sigterm")
     out = train.train_stage(stage, config, workdir, data, progress=False)
     assert out["step"] == 3 and not out["finished"]
