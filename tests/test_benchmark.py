@@ -224,3 +224,17 @@ def test_logged_train_seconds_of_runs_trained_elsewhere(tmp_path):
     expected = 50 * 8 / 8.0 + 50 * 8 / 16.0 + 100 * 16 / 32.0
     assert benchmark.logged_train_seconds(str(tmp_path)) == pytest.approx(expected)
     assert benchmark.logged_train_seconds(str(tmp_path / "missing")) is None
+
+
+def test_a_run_folder_is_not_reused_under_another_dataset_or_overrides(tmp_path):
+    phantom = benchmark.Protocol()
+    real = benchmark.Protocol(dataset_dir="data/ixi_brats")
+    benchmark.check_protocol(str(tmp_path / "a"), phantom)
+    benchmark.check_protocol(str(tmp_path / "a"), phantom)  # same protocol: fine
+    with pytest.raises(ValueError, match="use another --root"):
+        benchmark.check_protocol(str(tmp_path / "a"), real)
+    (tmp_path / "old").mkdir()  # a run made before protocols were recorded (the phantom)
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="use another --root"):
+        benchmark.check_protocol(str(tmp_path / "old"), real)
+    benchmark.check_protocol(str(tmp_path / "old"), phantom)

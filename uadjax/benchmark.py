@@ -41,6 +41,7 @@ from uadjax import atomic
 KINDS_ORDER = ("tumour", "stroke", "ms", "wmh")
 EVAL_DIR = "eval_benchmark"
 TIMING_FILE = "benchmark_timing.json"
+PROTOCOL_FILE = "benchmark_protocol.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +190,32 @@ def eval_dir(workdir: str, entry: Entry) -> str:
 # ------------------------------------------------------------------------------------------
 # Running.
 
+class TrainingStopped(RuntimeError):
+    """Training stopped before its last step (SIGTERM): the benchmark stops too."""
+
+
+def check_protocol(workdir: str, protocol: Protocol) -> None:
+    """Records the dataset and overrides a run folder was made with, and refuses to reuse it
+    under others (its results and checkpoints belong to that protocol)."""
+    path = os.path.join(workdir, PROTOCOL_FILE)
+    current = {"dataset_dir": protocol.dataset_dir, "data_dir": protocol.data_dir,
+               "overrides": [list(o) for o in protocol.overrides]}
+    saved = _read_json(path)
+    if saved is None:
+        if not os.path.exists(os.path.join(workdir, "config.json")) or not any(current.values()):
+            os.makedirs(workdir, exist_ok=True)
+            atomic.write_json(path, current)
+            return
+        saved = {"dataset_dir": "", "data_dir": "", "overrides": []}  # made before: phantom
+    if saved != current:
+        raise ValueError(f"{workdir} was made with {saved}, not {current}; use another --root")
+
+
 def run_one(entry: Entry, protocol: Protocol, seed: int, root: str) -> dict:
     """Trains (resuming) and evaluates one entry and seed; returns its `record`."""
     workdir = run_dir(root, entry, protocol, seed)
     out_dir = eval_dir(workdir, entry)
+    check_protocol(workdir, protocol)
     if not os.path.exists(os.path.join(out_dir, "results.json")):
         os.makedirs(workdir, exist_ok=True)
         # The runs' own output (shard preparation, results tables) goes to a log per run, so
@@ -218,7 +241,8 @@ def _train_and_evaluate(config, workdir: str, out_dir: str) -> None:
             time.perf_counter() - start)
         atomic.write_json(timing_path, timing)
     if not finished:
-        raise RuntimeError(f"training of {workdir} stopped early; rerun to resume")
+        raise TrainingStopped(f"training of {workdir} stopped early (SIGTERM); rerun the "
+                              "same command to resume")
     jobs.evaluate(config, workdir, out_dir=out_dir, progress=False)
 
 
@@ -252,7 +276,8 @@ def logged_train_seconds(workdir: str) -> float | None:
         for line in log.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
             if entry.get("split") == "train" and entry.get("slices_per_s"):
-                total += (entry["step"] - previous) * batch / entry["slices_per_s"]
+                # max(0, .): a resumed run logs steps again from its checkpoint
+                total += max(entry["step"] - previous, 0) * batch / entry["slices_per_s"]
                 previous, found = entry["step"], True
     return total if found else None
 
@@ -322,21 +347,24 @@ def run_benchmark(entries: list[Entry], protocol: Protocol, seeds: list[int], ro
     progress = Progress(len(runnable) * len(seeds), stream)
     records: dict[str, list] = {e.key: [] for e in entries}
     failures = []
-    for seed in seeds:
-        for entry in runnable:
-            what = f"{entry.name()} seed {seed}"
-            started = progress.begin(what)
-            try:
-                record = run_one(entry, protocol, seed, root)
-            except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
-                failures.append(f"{what}: {type(err).__name__}: {err}")
-                progress.end(what, started, f"FAILED ({type(err).__name__}: {err})")
-                continue
-            progress.end(what, started, "done")
-            if entry.key in records:
-                records[entry.key].append(record)
-            if entry.config == "ddpm" and not entry.test_modifiers and "threshold" in records:
-                records["threshold"].append(record)
+    for seed, entry in [(seed, entry) for seed in seeds for entry in runnable]:
+        what = f"{entry.name()} seed {seed}"
+        started = progress.begin(what)
+        try:
+            record = run_one(entry, protocol, seed, root)
+        except TrainingStopped as err:  # preempted: stop here, the rerun resumes
+            failures.append(f"{what}: {err}")
+            progress.end(what, started, "STOPPED (SIGTERM)")
+            break
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
+            failures.append(f"{what}: {type(err).__name__}: {err}")
+            progress.end(what, started, f"FAILED ({type(err).__name__}: {err})")
+            continue
+        progress.end(what, started, "done")
+        if entry.key in records:
+            records[entry.key].append(record)
+        if entry.key == "ddpm" and "threshold" in records:  # the baseline is scored beside it
+            records["threshold"].append(record)
     return {"records": records, "failures": failures}
 
 
@@ -345,7 +373,8 @@ def run_benchmark(entries: list[Entry], protocol: Protocol, seeds: list[int], ro
 
 def _results_of(entry: Entry, record: dict) -> dict:
     res = record["results"]["results"]
-    return res["threshold" if entry.is_baseline else record["results"]["method"]]
+    return res.get("threshold" if entry.is_baseline else record["results"]["method"],
+                   {"kinds": {}})  # no baseline when eval.baseline is off
 
 
 def _kinds(records: dict) -> list[str]:
@@ -460,8 +489,9 @@ def leaderboard(entries: list[Entry], protocol: Protocol, records: dict,
                 continue
             other = per_volume_dice(_entry_of(entries, row), records[row["key"]], kind)
             common = sorted(set(best) & set(other))
-            row["kinds"][kind]["p_vs_best"] = paired_permutation_p(
-                np.array([best[s] for s in common]), np.array([other[s] for s in common]))
+            if common:  # no shared test subjects: nothing to pair
+                row["kinds"][kind]["p_vs_best"] = paired_permutation_p(
+                    np.array([best[s] for s in common]), np.array([other[s] for s in common]))
     return {"protocol": dataclasses.asdict(protocol), "kinds": kinds, "rows": rows}
 
 

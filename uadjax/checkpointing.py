@@ -127,6 +127,13 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - any failure means: try an older step
                 problems.append(f"step {candidate}: {_short(err)}")
                 continue
+            if problems and jax.process_count() > 1:
+                # Each host would decide alone (a transient read error on one host would
+                # put the hosts on different steps): stop and let a person look.
+                raise CheckpointError(
+                    f"{self.directory}: newer checkpoints are unreadable on process "
+                    f"{jax.process_index()} ({'; '.join(problems)}); multi-host runs do not "
+                    f"fall back on their own: move the bad step folders away and rerun")
             if problems:
                 warnings.warn(f"{self.directory}: falling back to step {candidate} because "
                               f"newer checkpoints are unreadable ({'; '.join(problems)})",

@@ -281,9 +281,9 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
     from uadjax.methods import get_method
 
     out_dir = out_dir or os.path.join(workdir, "eval")
-    atomic.check_writable(out_dir)  # fail now, not after scoring
     method = get_method(config.method)
     models = load_models(config, workdir)
+    atomic.check_writable(out_dir)  # fail now, not after scoring
     (split_volumes, index, compile_seconds), total_seconds = timed(
         score_splits, config, models, method.score_fn, progress=progress,
         splits=tuple(config.eval.get("splits", EVAL_SPLITS)))
@@ -368,6 +368,11 @@ def reconstruction_summary(split_volumes) -> dict | None:
         return metrics.reconstruction_quality(vol.image[..., :channels], vol.reconstruction,
                                               vol.brain_mask)
 
+    def in_brain_l1(vol):
+        channels = vol.reconstruction.shape[-1]
+        diff = np.abs(vol.image[..., :channels] - vol.reconstruction)[vol.brain_mask]
+        return float(diff.mean()) if diff.size else 0.0
+
     healthy = [v for v in split_volumes.get(schema.TEST_HEALTHY, {}).values()
                if v.reconstruction is not None]
     if not healthy:
@@ -381,7 +386,7 @@ def reconstruction_summary(split_volumes) -> dict | None:
     lesion = [v for v in split_volumes.get(schema.TEST_LESION, {}).values()
               if v.reconstruction is not None]
     for kind in sorted({v.kind for v in lesion}):
-        l1 = np.mean([l1_and_quality(v)["l1"] for v in lesion if v.kind == kind])
+        l1 = np.mean([in_brain_l1(v) for v in lesion if v.kind == kind])
         out["l1_ratio"][kind] = float(l1 / healthy_l1) if healthy_l1 > 0 else math.nan
     return out
 

@@ -74,7 +74,8 @@ def main(argv):
         if os.environ.get("UADJAX_DEBUG"):
             raise
         message = _os_error_message(err) if isinstance(err, OSError) else str(err)
-        print(f"error: {message}", file=sys.stderr)
+        hint = "" if isinstance(err, DataError) else " (UADJAX_DEBUG=1 shows the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -106,17 +107,22 @@ def _dispatch(mode: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error (no traceback) for a config file that fails
-    to load or an override of a key that does not exist."""
+    """absl flag parsing, with a one-line error (no traceback; UADJAX_DEBUG=1 shows it) for
+    a config file that fails to load, a bad flag value or an override of a missing key."""
+    debug = bool(os.environ.get("UADJAX_DEBUG"))
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:  # a bad flag value, or a config file that fails to load
+        if debug:
+            raise
         # config_flags puts the config file's traceback in the message: keep its first line
         # (the flag) and its last (the exception).
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         print("error: " + " ".join(dict.fromkeys([lines[0], lines[-1]])), file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
+        if debug:
+            raise
         overrides = [a for a in argv if a.startswith("--config.")]
         key = str(err).strip("\"'")
         culprit = next((a for a in overrides if key and key in a.split("=")[0]), None)

@@ -139,19 +139,23 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
     segmentation = postprocess.binarize(score, calibration["threshold"],
                                         min_component_size=pp["min_component_size"])
     anomaly_path, seg_path, png_path = output_paths(out_prefix)
-    written = []
+    written, current = [], anomaly_path
     try:  # the three outputs of a scan appear together or not at all
         preprocess.save_native_map(anomaly_path, score.astype(np.float32), volume.geometry,
                                    order=1)
         written.append(anomaly_path)
+        current = seg_path
         preprocess.save_native_map(seg_path, segmentation.astype(np.uint8), volume.geometry,
                                    order=0)
         written.append(seg_path)
+        current = png_path
         save_overview(png_path, volume.images[..., 0], score, segmentation,
                       threshold=calibration["threshold"])
-    except BaseException:
+    except BaseException as err:
         for path in written:
             path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not err.filename:  # gzip/zlib write errors
+            err.filename = str(current)
         raise
     return [anomaly_path, seg_path, png_path]
 

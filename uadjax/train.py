@@ -118,6 +118,9 @@ def merge(graphdef, params: dict, rest: dict) -> nnx.Module:
 def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
     """The pure update step: state, batch -> state, metrics. Jit it with donation."""
     ema_decay = float(config.train.get("ema_decay", 0.0))
+    # 'skip' drops the update and goes on: the step is not recorded as a stop reason (a
+    # later resume under 'stop' must not stop for an update that was never applied).
+    record_non_finite = _non_finite_policy(config.train) == "stop"
 
     def step_fn(state, batch):
         key = jax.random.fold_in(base_key, state["step"])
@@ -144,7 +147,8 @@ def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), proposed, kept)
         new["step"] = state["step"] + 1
         new["nonfinite_step"] = jnp.where(
-            (state["nonfinite_step"] < 0) & ~finite, state["step"], state["nonfinite_step"])
+            (state["nonfinite_step"] < 0) & ~finite & record_non_finite, state["step"],
+            state["nonfinite_step"])
         metrics = {"loss": loss, "grad_norm": grad_norm, **metrics,
                    "skipped": 1.0 - finite.astype(jnp.float32)}
         return new, metrics
@@ -316,7 +320,7 @@ def _non_finite_policy(tcfg) -> str:
 def _count_skipped(metrics: list[dict], step: int, skipped: int, tcfg) -> int:
     """Warns about the updates skipped (non-finite) among the steps ending at `step`;
     raises NonFiniteLossError past `max_skipped_steps` in all. Returns the new total."""
-    first = step - len(metrics) + 1
+    first = step - len(metrics)  # 0-based index of the first of these steps (as in 'stop')
     bad = [first + i for i, m in enumerate(metrics) if m["skipped"]]
     if bad:
         skipped += len(bad)

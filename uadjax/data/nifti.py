@@ -83,7 +83,13 @@ def _cgroup_available() -> int | None:
         if limit == "max":
             return None
         used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        return max(int(limit) - used, 0)
+        # memory.current counts the page cache (files read so far), which the kernel
+        # reclaims on demand: it is not memory in use.
+        for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines():
+            if line.startswith("file "):
+                used -= int(line.split()[1])
+                break
+        return max(int(limit) - max(used, 0), 0)
     except (OSError, ValueError):
         return None
 
@@ -267,7 +273,7 @@ def check_label_values(path, data: np.ndarray) -> None:
       DataError: non-integer values (an interpolated or probability map), negative values
         or values above the range, with examples.
     """
-    fractional = data != np.round(data)
+    fractional = np.abs(data - np.round(data)) > 1e-3  # tolerates scl_slope rounding (1/255)
     if np.any(fractional):
         examples = _values(np.unique(data[fractional])[:3])
         raise DataError(path, f"unexpected label values {examples}: label maps hold whole "
