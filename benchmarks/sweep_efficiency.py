@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.mmccd_sweep import seconds_per_call
-from uadjax.inference.patches import patch_masks, patch_positions
 from uadjax.methods import get_method, maediff
 
 DEFAULT_CONFIGS = ("ddpm", "ddpm:ens", "pddpm", "pddpm:ens", "pddpm:overlap", "maediff",
@@ -54,40 +53,31 @@ def _image(rng, n, hw, c):
 
 
 def sweep_shape(name: str, config) -> SweepShape:
-    """The network evaluations per slice of `config`'s score and the plain-pass arguments."""
+    """The network evaluations per slice (the method's own declaration), how many of them
+    one chunk of the sweep evaluates at once, and the plain-pass arguments."""
     hw = tuple(config.data.image_size)
     c = len(config.data.modalities)
-    if name in ("ddpm", "pddpm"):
-        d = config.diffusion
-        num_t = len(d.test_timesteps)
-        positions = 1
-        if name == "pddpm":
-            positions = patch_masks(hw, config.patch.size, config.patch.stride).shape[0]
-        variants = num_t * positions
-        chunk = min(d.get("sweep_chunk") or variants, variants)
-        return SweepShape(variants, chunk, lambda rng, n: (_image(rng, n, hw, c), _t(n)))
+    calls = int(sum(get_method(config.method).network_evaluations(config).values()))
+    if name in ("ddpm", "pddpm"):  # t values (x patch positions), chunked by sweep_chunk
+        chunk = min(config.diffusion.get("sweep_chunk") or calls, calls)
+        return SweepShape(calls, chunk, lambda rng, n: (_image(rng, n, hw, c), _t(n)))
     if name == "maediff":
-        d, p = config.diffusion, config.patch
-        corners = maediff.sliding_corners(hw, p)
-        variants = len(d.test_timesteps) * corners.shape[0]
-        chunk = min(d.get("sweep_chunk") or variants, variants)
-        visible = maediff.visible_tokens(corners[:1], hw, p)  # [1, Nv]
+        chunk = min(config.diffusion.get("sweep_chunk") or calls, calls)
+        corners = maediff.sliding_corners(hw, config.patch)
+        visible = maediff.visible_tokens(corners[:1], hw, config.patch)  # [1, Nv]
 
         def args(rng, n):
             return _image(rng, n, hw, c), _t(n), jnp.broadcast_to(visible, (n, visible.shape[1]))
 
-        return SweepShape(variants, chunk, args)
-    if name == "disyre":
+        return SweepShape(calls, chunk, args)
+    if name == "disyre":  # windows x test labels; window_chunk windows at once, all labels
         d = config.disyre
-        size = int(d.patch_size)
         if d.score_mode != "single_step":
             raise ValueError("disyre: only the single-step score is a plain sweep")
-        padded = (max(hw[0], size), max(hw[1], size))
-        windows = patch_positions(padded, size, int(d.window_step)).shape[0]
-        num_t = int(d.num_test_timesteps)
+        num_t, size = int(d.num_test_timesteps), int(d.patch_size)
+        windows = calls // num_t
         chunk = min(d.get("window_chunk") or windows, windows) * num_t
-        return SweepShape(windows * num_t, chunk,
-                          lambda rng, n: (_image(rng, n, (size, size), c), _t(n)))
+        return SweepShape(calls, chunk, lambda rng, n: (_image(rng, n, (size, size), c), _t(n)))
     raise ValueError(f"no sweep description for {name!r}")
 
 
