@@ -181,6 +181,12 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
     _flip_bytes(ckpt_dir / "4")  # OCDBT alone would restore these as wrong weights
     with pytest.warns(UserWarning, match="falling back to step 2.*integrity check failed"):
         assert int(_saved_state(config, str(workdir))["step"]) == 2
+    # Evaluation scores with step 2 and says so in results.json and the report.
+    with pytest.warns(UserWarning, match="falling back to step 2"):
+        _, steps = evaluate.load_models_and_steps(config, str(workdir))
+    assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True}}
+    line = evaluate._checkpoint_line({"checkpoints": steps})
+    assert "diffusion step 2 (**not the latest**: step 4 could not be read" in line
     # Training resumes from step 2, sets the bad step aside and redoes it exactly.
     config.train.num_steps = 4
     with pytest.warns(UserWarning, match="falling back to step 2"):
@@ -289,6 +295,10 @@ def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_pa
     out_dir = tmp_path / "eval"
     first = evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
                                     progress=False)
+    step = int(tiny_run.train.num_steps)
+    assert first["checkpoints"] == {"diffusion": {"step": step, "latest_step": step,
+                                                  "fell_back": False}}
+    assert f"Checkpoints: diffusion step {step}." in (out_dir / "report.md").read_text()
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
 
     def full(*args, **kwargs):

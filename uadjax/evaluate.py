@@ -206,12 +206,22 @@ EVAL_SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema
 
 def load_models(config, workdir: str) -> dict:
     """stage name -> trained (EMA) networks of the stages `config.method` scores with."""
-    from uadjax.methods import get_method
-    from uadjax.train import load_stage_models, stage_workdir
+    return load_models_and_steps(config, workdir)[0]
 
-    method = get_method(config.method)
-    return {s.name: load_stage_models(config, stage_workdir(config, workdir, s.name), s)
-            for s in method.scoring_stages(config)}
+
+def load_models_and_steps(config, workdir: str) -> tuple[dict, dict]:
+    """(stage name -> networks, stage name -> {"step", "latest_step", "fell_back"}): which
+    checkpoint step each scoring stage was restored from, for the results."""
+    from uadjax.methods import get_method
+    from uadjax.train import load_stage_checkpoint, stage_workdir
+
+    models, steps = {}, {}
+    for stage in get_method(config.method).scoring_stages(config):
+        models[stage.name], info = load_stage_checkpoint(
+            config, stage_workdir(config, workdir, stage.name), stage)
+        steps[stage.name] = {"step": info["step"], "latest_step": info["latest_step"],
+                             "fell_back": info["step"] != info["latest_step"]}
+    return models, steps
 
 
 def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL_SPLITS):
@@ -282,7 +292,7 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
 
     out_dir = out_dir or os.path.join(workdir, "eval")
     method = get_method(config.method)
-    models = load_models(config, workdir)
+    models, checkpoint_steps = load_models_and_steps(config, workdir)
     atomic.check_writable(out_dir)  # fail now, not after scoring
     (split_volumes, index, compile_seconds), total_seconds = timed(
         score_splits, config, models, method.score_fn, progress=progress,
@@ -309,6 +319,7 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
         all_results[config.method]["kinds"].setdefault(kind, {})["pr_curve"] = curve
     summary = {
         "method": config.method, "modalities": list(config.data.modalities),
+        "checkpoints": checkpoint_steps,
         "reconstruction": reconstruction_summary(split_volumes),
         "spacing_mm": sorted(set(spacing.values())), "results": all_results, "calibration": calibration,
         "timing": {"score_seconds": score_seconds, "compile_seconds": compile_seconds,
@@ -348,8 +359,20 @@ def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
         "set itself (not a fair score, shown for comparison with papers that report it); "
         "healthy FP = false-positive volume on healthy test subjects at the validation "
         f"threshold. Scoring: {num_slices} slices in {score_seconds:.1f} s (plus "
-        f"{compile_seconds:.1f} s compiling).",
+        f"{compile_seconds:.1f} s compiling). Checkpoints: {_checkpoint_line(summary)}",
         sections=sections)
+
+
+def _checkpoint_line(summary) -> str:
+    """'stage step N' per scoring stage; a fallback past unreadable newer steps is flagged."""
+    parts = []
+    for name, info in summary["checkpoints"].items():
+        part = f"{name} step {info['step']}"
+        if info["fell_back"]:
+            part += (f" (**not the latest**: step {info['latest_step']} could not be read, "
+                     "see the warning in the log)")
+        parts.append(part)
+    return ", ".join(parts) + "."
 
 
 EXAMPLES_FILE = "examples.npz"

@@ -359,7 +359,20 @@ def _validate(eval_fn, state, val_batches, mesh, base_key) -> dict:
 
 def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True,
                       require_finished: bool = False) -> nnx.Module:
-    """Rebuilds a trained stage's networks from its latest checkpoint (EMA params by default).
+    """Rebuilds a trained stage's networks from its latest readable checkpoint (EMA params
+    by default); `load_stage_checkpoint` also says which step that was."""
+    return load_stage_checkpoint(config, workdir, stage, use_ema=use_ema,
+                                 require_finished=require_finished)[0]
+
+
+def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool = True,
+                          require_finished: bool = False) -> tuple[nnx.Module, dict]:
+    """Rebuilds a trained stage's networks from its latest readable checkpoint.
+
+    Returns:
+      (networks, {"directory", "step": the step restored, "latest_step": the newest step on
+      disk}); the two steps differ when newer checkpoints were unreadable (a warning names
+      them) and results computed from the networks should say so.
 
     The optimiser state is restored with the structure of the optimiser the checkpoint was
     trained with (its saved config), so a stage trained elsewhere under another recipe loads.
@@ -387,10 +400,12 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
             raise RuntimeError(
                 f"stage {stage.name!r} in {directory} stopped at step {step} of "
                 f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
+        latest = ckpt.latest_step()
     finally:
         ckpt.close()
     params = restored["ema_params"] if use_ema else restored["params"]
-    return merge(graphdef, params, restored["rest"])
+    provenance = {"directory": directory, "step": step, "latest_step": latest}
+    return merge(graphdef, params, restored["rest"]), provenance
 
 
 def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
