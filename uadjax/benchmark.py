@@ -7,9 +7,8 @@
 A method is `<config>[:<training modifiers>][+<test-time modifiers>]`: `ddpm`, `ddpm+ens`
 (the DDPM run scored with the t ensemble), `mmccd:cyclic`, `disyre+multistep`; `all` is the
 list in ENTRIES; `threshold` is the intensity-threshold baseline. Every run lives in
-`<root>/<config>-<size>_<budget>[_<modifiers>]/seed<k>/` (the layout of
-benchmarks/seed_table.py, so its runs are reused): what is trained is not trained again, a
-half-trained run resumes, an evaluated one is read back. Evaluation uses the configured
+`<root>/<config>-<size>_<budget>[_<modifiers>]/seed<k>/`: what is trained is not trained
+again, a half-trained run resumes, an evaluated one is read back. Evaluation uses the configured
 protocol for every method (validation-selected threshold, oracle labelled separately).
 
 Writes to `<root>/`: leaderboard.md, leaderboard.csv (one row per method, lesion kind and
