@@ -10,8 +10,9 @@ docs/performance.md's "Why 1.5x over MONAI is out of reach on this CPU".
   paper-UNet layer) in float32 and bfloat16, in JAX (XLA:CPU with uadjax's flags) and in
   PyTorch (oneDNN).
 - shapes: forward, forward + both gradients, and the kernel gradient alone of each 3x3
-  convolution shape of the CPU-config UNet at batch 16, XLA against PyTorch (NCHW and
-  channels-last).
+  stride-1 convolution of the CPU-config UNet at batch 16 (traced from the network, with its
+  number of calls per forward), XLA against PyTorch (NCHW and channels-last), and their
+  calls-weighted sum.
 - alternatives: the rewrites that would cut the FLOPs or the layout work, each checked
   against `lax.conv_general_dilated` (max relative error printed) and timed: Winograd
   F(2x2, 3x3) (2.25x fewer multiplications), and the kernel gradient as nine shifted
@@ -30,11 +31,48 @@ import numpy as np
 
 import uadjax  # noqa: F401 - sets the XLA:CPU flags the package runs with
 
-# [B, H, W, C_in, C_out] of the 3x3 convolutions in configs/ddpm.py:cpu at batch 16.
-CPU_UNET_SHAPES = ((16, 64, 64, 1, 16), (16, 64, 64, 16, 16), (16, 64, 64, 32, 16),
-                   (16, 32, 32, 16, 32), (16, 32, 32, 32, 32), (16, 32, 32, 64, 32),
-                   (16, 16, 16, 32, 64), (16, 16, 16, 64, 64), (16, 8, 8, 64, 64))
-PAPER_LAYER = (8, 96, 96, 128, 128)
+PAPER_LAYER = (8, 96, 96, 128, 128)  # [B, H, W, C_in, C_out] of a paper-UNet 3x3 conv
+
+
+def _conv_equations(jaxpr):
+    """Every conv_general_dilated equation of a jaxpr, nested calls included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _conv_equations(inner)
+
+
+def unet_conv_shapes(size: str = "cpu", batch: int = 16) -> tuple[list, float]:
+    """The convolutions of the DDPM UNet `configs/ddpm.py:<size>`, traced from its forward.
+
+    Returns:
+      ([((B, H, W, C_in, C_out), calls), ...] for its 3x3 stride-1 convolutions, largest
+      FLOP share first; the share of all the UNet's convolution FLOPs they make up).
+    """
+    from collections import Counter
+
+    from flax import nnx
+
+    from benchmarks.unet_speed import jax_unet, unet_config
+
+    config, m = unet_config(size)
+    graphdef, params = jax_unet(m)
+    x = jnp.zeros((batch, *config.data.image_size, m.in_channels), jnp.float32)
+    t = jnp.zeros((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, x, t: nnx.merge(graphdef, p)(x, t))(params, x, t).jaxpr
+    counts, total = Counter(), 0.0
+    for eqn in _conv_equations(jaxpr):
+        lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape  # NHWC, HWIO
+        out = eqn.outvars[0].aval.shape
+        total += 2.0 * np.prod(out) * np.prod(rhs[:3])
+        if rhs[:2] == (3, 3) and tuple(eqn.params["window_strides"]) == (1, 1):
+            counts[(*lhs, rhs[3])] += 1
+    shapes = sorted(counts.items(), key=lambda kv: -kv[1] * conv_flops(*kv[0]))
+    return shapes, sum(c * conv_flops(*s) for s, c in shapes) / total
 
 
 def _wait(out):
@@ -85,8 +123,9 @@ def _combine(terms: list, matrix: np.ndarray) -> list:
 
 
 def winograd_conv3x3(x: jax.Array, k: jax.Array) -> jax.Array:
-    """The same convolution as `conv3x3` by Winograd F(2x2, 3x3): 16 batched matmuls of
-    [tiles, C] x [C, D] instead of 36 multiply-adds per output pair of channels."""
+    """The same convolution as `conv3x3` by Winograd F(2x2, 3x3): 16 multiplications instead
+    of 36 per 2x2 output tile and (C, D) channel pair, as 16 batched [tiles, C] x [C, D]
+    matmuls between cheap input and output transforms."""
     b, h, w, _ = x.shape
     th, tw = -(-h // 2), -(-w // 2)  # output tiles of 2x2
     xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
@@ -138,8 +177,14 @@ def _inputs(shape, dtype=jnp.float32):
 
 
 def fwd_and_grads(conv):
-    """jit of (x, k, dy) -> (dx, dk): the forward and both gradients of one layer."""
-    return jax.jit(lambda x, k, dy: jax.vjp(conv, x, k)[1](dy))
+    """jit of (x, k, dy) -> (y, dx, dk): one layer's forward and both gradients (the output
+    is returned, else XLA drops the forward of a linear map as dead code)."""
+
+    def run(x, k, dy):
+        y, vjp = jax.vjp(conv, x, k)
+        return (y, *vjp(dy))
+
+    return jax.jit(run)
 
 
 def alternatives(shapes, steps: int) -> list[str]:
@@ -194,39 +239,44 @@ def _torch_conv(x, k):
 
 
 def shapes_table(shapes, steps: int) -> list[str]:
+    """shapes: [((B, H, W, C_in, C_out), calls per forward), ...]; a last row sums
+    calls x time, the UNet's 3x3 convolutions in one forward + backward."""
     import torch
 
-    lines = [("| shape BxHxWxC->D | XLA fwd ms | XLA fwd+bwd ms | XLA kernel grad ms | "
+    lines = [("| shape BxHxWxC->D | calls | XLA fwd ms | XLA fwd+bwd ms | XLA kernel grad ms | "
               "PyTorch fwd ms | PyTorch fwd+bwd ms (NCHW) | PyTorch fwd+bwd ms (channels-last) | "
-              "XLA / PyTorch-CL fwd+bwd |"), "|---|---|---|---|---|---|---|---|"]
+              "XLA / PyTorch-CL fwd+bwd |"), "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for shape in shapes:
+    totals = np.zeros(6)
+    for shape, calls in shapes:
         b, h, w, c, d = shape
         x, k, dy = _inputs(shape)
         fwd, both, kgrad = jax.jit(conv3x3), fwd_and_grads(conv3x3), jax.jit(kernel_grad_xla)
-        t_f = median_seconds(fwd, steps, x, k)
-        t_b = median_seconds(both, steps, x, k, dy)
-        t_k = median_seconds(kgrad, steps, x, dy)
-        torch_times = []
+        row = [median_seconds(fwd, steps, x, k), median_seconds(both, steps, x, k, dy),
+               median_seconds(kgrad, steps, x, dy)]
         for layout in (torch.contiguous_format, torch.channels_last):
             xt = torch.randn(b, c, h, w).contiguous(memory_format=layout).requires_grad_()
             kt = torch.randn(d, c, 3, 3).contiguous(memory_format=layout).requires_grad_()
             dyt = torch.randn(b, d, h, w).contiguous(memory_format=layout)
-
-            torch_times.append((median_seconds(_torch_forward, steps, xt, kt),
-                                median_seconds(_torch_both, steps, xt, kt, dyt)))
-        (tt_f, tt_b), (_, tt_cl) = torch_times
-        lines.append(f"| {b}x{h}x{w}x{c}->{d} | {t_f * 1e3:.2f} | {t_b * 1e3:.2f} | "
-                     f"{t_k * 1e3:.2f} | {tt_f * 1e3:.2f} | {tt_b * 1e3:.2f} | {tt_cl * 1e3:.2f} | "
-                     f"{t_b / tt_cl:.2f} |")
+            if layout is torch.contiguous_format:
+                row.append(median_seconds(_torch_forward, steps, xt, kt))
+            row.append(median_seconds(_torch_both, steps, xt, kt, dyt))
+        totals += calls * np.asarray(row)
+        lines.append(f"| {b}x{h}x{w}x{c}->{d} | {calls} | "
+                     + " | ".join(f"{v * 1e3:.2f}" for v in row) + f" | {row[1] / row[5]:.2f} |")
         print(lines[-1], flush=True)
+    lines.append("| **sum of calls x time** | | "
+                 + " | ".join(f"**{v * 1e3:.1f}**" for v in totals)
+                 + f" | **{totals[1] / totals[5]:.2f}** |")
+    print(lines[-1], flush=True)
     return lines
 
 
 def peaks_table(steps: int) -> list[str]:
     import torch
 
-    lines = ["| framework | dtype | 4096^2 matmul GFLOP/s | 3x3 conv 8x96x96x128->128 GFLOP/s |",
+    lines = [("| framework | dtype | 4096^2 matmul GFLOP/s (bf16: JAX accumulates and returns "
+              "fp32, PyTorch returns bf16) | 3x3 conv 8x96x96x128->128 GFLOP/s |"),
              "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     b, h, w, c, d = PAPER_LAYER
@@ -258,8 +308,8 @@ def main(argv=None):
     p.add_argument("--part", default="all", choices=("all", "peaks", "shapes", "alternatives"))
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--shapes", default="",
-                   help="comma-separated BxHxWxCxD (default: the CPU UNet's convolutions; "
-                        "alternatives also time one paper-UNet layer)")
+                   help="comma-separated BxHxWxCxD (default: every 3x3 convolution of the "
+                        "CPU UNet, traced; alternatives: its 3 largest and a paper-UNet layer)")
     args = p.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
               if args.shapes else None)
@@ -267,12 +317,15 @@ def main(argv=None):
     if args.part in ("all", "peaks"):
         peaks_table(args.steps)
         print()
+    if shapes is None:
+        unet, share = unet_conv_shapes("cpu", 16)
+        print(f"configs/ddpm.py:cpu at batch 16: {len(unet)} distinct 3x3 stride-1 "
+              f"convolutions, {share:.0%} of the UNet's convolution FLOPs\n")
     if args.part in ("all", "shapes"):
-        shapes_table(shapes or CPU_UNET_SHAPES, args.steps)
+        shapes_table([(s, 1) for s in shapes] if shapes else unet, args.steps)
         print()
     if args.part in ("all", "alternatives"):
-        default = (CPU_UNET_SHAPES[1], CPU_UNET_SHAPES[2], CPU_UNET_SHAPES[4], PAPER_LAYER)
-        alternatives(shapes or default, args.steps)
+        alternatives(shapes or [s for s, _ in unet[:3]] + [PAPER_LAYER], args.steps)
 
 
 if __name__ == "__main__":

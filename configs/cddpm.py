@@ -6,7 +6,7 @@ Usage: --config=configs/cddpm.py:<size>[,modifier...]
             nopretrain  no SparK stage: the encoder starts random (the "w/o SSL" rows)
             code        the authors' code instead of the paper where they disagree:
                         condition width 512 (paper 128) and lr 1e-4 (paper 1e-5)
-            short       the multi-seed table budget (configs/common.py)
+            short       the leaderboard budget, --budget=short (configs/common.py)
 Both stages run from one config: `--mode=train` trains 'pretrain' then 'diffusion' (which
 loads the first's checkpoint); `--stage=pretrain` / `--stage=diffusion` run them separately,
 and `--config.stage_workdirs.pretrain=<run>` reuses the encoder pre-trained in another run.

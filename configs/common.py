@@ -34,7 +34,7 @@ def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str
     """Applies the modifiers shared by all methods; returns the ones left for the method.
 
       short  train for SHORT_STEPS steps (checkpoint/validate at the end): the budget of the
-             multi-seed results table, where every method gets the same number of steps.
+             leaderboard (`--budget=short`), where every method gets the same number of steps.
       bf16   bfloat16 compute in every guided-diffusion UNet of the config (parameters,
              optimiser state and losses stay float32): about half the memory traffic on
              GPUs and TPUs; on CPUs XLA emulates bf16 convolutions and it is slower.

@@ -5,7 +5,7 @@ Usage: --config=configs/ldm.py:<size>[,modifier...]
   size      paper | cpu | tiny (see configs/common.py)
   modifiers stcodebook  codebook learnt by the straight-through codebook loss instead of EMA
             mse         MSE instead of L1 VQ-VAE reconstruction loss
-            short       the multi-seed table budget: 300 steps for the VQ-VAE and for the
+            short       the leaderboard budget (--budget=short): 300 steps for the VQ-VAE and for the
                         latent DDPM (configs/common.py)
 Stages: 'vqvae' -> 'diffusion' (VQ-VAE frozen) -> 'calibrate' (healthy validation KL
 histogram, no training); `--mode=train` runs all three, `evaluate` reads 'calibrate'.

@@ -26,3 +26,18 @@ def test_winograd_and_kernel_gradient_rewrites_match_xla(shape):
             slow[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], dyn)
     for grad in (ck.kernel_grad_xla, ck.kernel_grad_shifted, ck.kernel_grad_im2col):
         np.testing.assert_allclose(jax.jit(grad)(x, dy), slow, rtol=1e-5, atol=1e-5)
+
+
+def test_traced_unet_convolutions_are_every_3x3_conv_of_the_network():
+    from flax import nnx
+
+    from benchmarks.unet_speed import jax_unet, unet_config
+
+    shapes, share = ck.unet_conv_shapes("tiny", 2)
+    graphdef, params = jax_unet(unet_config("tiny")[1])
+    convs = [m for _, m in nnx.iter_graph(nnx.merge(graphdef, params))
+             if isinstance(m, nnx.Conv) and tuple(m.kernel_size) == (3, 3)
+             and tuple(m.strides or (1, 1)) == (1, 1)]
+    assert sum(calls for _, calls in shapes) == len(convs)  # each runs once per forward
+    assert {(s[3], s[4]) for s, _ in shapes} == {(m.in_features, m.out_features) for m in convs}
+    assert 0.5 < share <= 1.0

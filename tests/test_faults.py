@@ -184,9 +184,12 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
     # Evaluation scores with step 2 and says so in results.json and the report.
     with pytest.warns(UserWarning, match="falling back to step 2"):
         _, steps = evaluate.load_models_and_steps(config, str(workdir))
-    assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True}}
+    assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True,
+                                   "trained_steps": 2, "num_steps": 4}}
     line = evaluate._checkpoint_line({"checkpoints": steps})
-    assert "diffusion step 2 (**not the latest**: step 4 could not be read" in line
+    assert ("diffusion step 2 (**unfinished**: 2 of 4 steps) (**not the latest**: step 4 "
+            "could not be read") in line
+    assert evaluate._checkpoint_line({"checkpoints": {}}) == "none (no trained stages)."
     # Training resumes from step 2, sets the bad step aside and redoes it exactly.
     config.train.num_steps = 4
     with pytest.warns(UserWarning, match="falling back to step 2"):
@@ -201,9 +204,14 @@ def test_half_written_or_unreadable_checkpoints(tiny_data, tmp_path):
     workdir = tmp_path / "run"
     _train(config, workdir)
     ckpt_dir = workdir / "diffusion" / "checkpoints"
-    # A step folder that never got renamed (killed mid-write) is ignored and removed.
+    # A step folder that never got renamed (killed mid-write, or a save in progress) is
+    # ignored; loading for evaluation leaves it alone, training removes it.
     os.rename(ckpt_dir / "4", ckpt_dir / "4.orbax-checkpoint-tmp-1")
+    _, steps = evaluate.load_models_and_steps(config, str(workdir))
+    assert steps["diffusion"]["step"] == 2 and not steps["diffusion"]["fell_back"]
+    assert (ckpt_dir / "4.orbax-checkpoint-tmp-1").is_dir()
     assert int(_saved_state(config, str(workdir))["step"]) == 2
+    assert not (ckpt_dir / "4.orbax-checkpoint-tmp-1").exists()
     # Every step unreadable: an error naming the folder and each step, never a silent restart.
     for step in ("2",):
         for name in glob.glob(str(ckpt_dir / step / "state" / "ocdbt.process_0" / "d" / "*")):
@@ -297,7 +305,8 @@ def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_pa
                                     progress=False)
     step = int(tiny_run.train.num_steps)
     assert first["checkpoints"] == {"diffusion": {"step": step, "latest_step": step,
-                                                  "fell_back": False}}
+                                                  "fell_back": False, "trained_steps": step,
+                                                  "num_steps": step}}
     assert f"Checkpoints: diffusion step {step}." in (out_dir / "report.md").read_text()
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
 

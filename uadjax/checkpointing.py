@@ -74,12 +74,17 @@ def state_digest(state) -> dict:
 class Checkpointer:
     """Saves and restores the train state of one training stage in `directory`."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 2, asynchronous: bool = True):
+    def __init__(self, directory: str, *, max_to_keep: int = 2, asynchronous: bool = True,
+                 read_only: bool = False):
+        """`read_only` (evaluation, prediction, loading an earlier stage): never create the
+        folder nor remove half-written step folders, which may be a training run's save in
+        progress."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
-            cleanup_tmp_directories=True)
+            max_to_keep=max_to_keep, create=not read_only,
+            enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.restored_step: int | None = None  # the step folder the last `restore` read
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -144,6 +149,7 @@ class Checkpointer:
                     self._quarantine([s for s in steps if s > candidate])
             if data_iter is not None:
                 _set_iterator_state(data_iter, iterator_state)
+            self.restored_step = candidate
             return state
         raise CheckpointError(f"{self.directory}: no checkpoint can be restored "
                               f"({'; '.join(problems)}). Move the folder away to start over.")

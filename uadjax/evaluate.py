@@ -210,8 +210,10 @@ def load_models(config, workdir: str) -> dict:
 
 
 def load_models_and_steps(config, workdir: str) -> tuple[dict, dict]:
-    """(stage name -> networks, stage name -> {"step", "latest_step", "fell_back"}): which
-    checkpoint step each scoring stage was restored from, for the results."""
+    """(stage name -> networks, stage name -> {"step", "latest_step", "fell_back",
+    "trained_steps", "num_steps"}): which checkpoint each scoring stage was restored from
+    (an older step than the newest on disk when that one is unreadable), and how far it
+    was trained, for the results."""
     from uadjax.methods import get_method
     from uadjax.train import load_stage_checkpoint, stage_workdir
 
@@ -220,7 +222,9 @@ def load_models_and_steps(config, workdir: str) -> tuple[dict, dict]:
         models[stage.name], info = load_stage_checkpoint(
             config, stage_workdir(config, workdir, stage.name), stage)
         steps[stage.name] = {"step": info["step"], "latest_step": info["latest_step"],
-                             "fell_back": info["step"] != info["latest_step"]}
+                             "fell_back": info["step"] != info["latest_step"],
+                             "trained_steps": info["trained_steps"],
+                             "num_steps": info["num_steps"]}
     return models, steps
 
 
@@ -368,11 +372,13 @@ def _checkpoint_line(summary) -> str:
     parts = []
     for name, info in summary["checkpoints"].items():
         part = f"{name} step {info['step']}"
+        if info["trained_steps"] < info["num_steps"]:
+            part += f" (**unfinished**: {info['trained_steps']} of {info['num_steps']} steps)"
         if info["fell_back"]:
             part += (f" (**not the latest**: step {info['latest_step']} could not be read, "
                      "see the warning in the log)")
         parts.append(part)
-    return ", ".join(parts) + "."
+    return (", ".join(parts) if parts else "none (no trained stages)") + "."
 
 
 EXAMPLES_FILE = "examples.npz"

@@ -370,9 +370,11 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
     """Rebuilds a trained stage's networks from its latest readable checkpoint.
 
     Returns:
-      (networks, {"directory", "step": the step restored, "latest_step": the newest step on
-      disk}); the two steps differ when newer checkpoints were unreadable (a warning names
-      them) and results computed from the networks should say so.
+      (networks, {"directory", "step": the step folder restored, "latest_step": the newest
+      step folder on disk, "trained_steps": the optimiser steps in the restored state,
+      "num_steps": the steps the stage was configured to train}); "step" and "latest_step"
+      differ when newer checkpoints were unreadable (a warning names them), and results
+      computed from the networks should say so.
 
     The optimiser state is restored with the structure of the optimiser the checkpoint was
     trained with (its saved config), so a stage trained elsewhere under another recipe loads.
@@ -387,7 +389,7 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
         raise FileNotFoundError(
             f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
             f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
-    ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
+    ckpt = checkpointing.Checkpointer(directory, asynchronous=False, read_only=True)
     try:
         saved = _saved_config(ckpt)
         check_same_method(saved, config, directory)
@@ -396,15 +398,16 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
         graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
         restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config)
         step = int(restored["step"])
+        provenance = {"directory": directory, "step": ckpt.restored_step,
+                      "latest_step": ckpt.latest_step(), "trained_steps": step,
+                      "num_steps": int(train_cfg.num_steps)}
         if require_finished and step < int(train_cfg.num_steps):
             raise RuntimeError(
                 f"stage {stage.name!r} in {directory} stopped at step {step} of "
                 f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
-        latest = ckpt.latest_step()
     finally:
         ckpt.close()
     params = restored["ema_params"] if use_ema else restored["params"]
-    provenance = {"directory": directory, "step": step, "latest_step": latest}
     return merge(graphdef, params, restored["rest"]), provenance
 
 
