@@ -33,16 +33,13 @@ def ensure_phantom(config, *, overwrite: bool = False, progress: bool = True) ->
 
     out = phantom_dir(config)
     start = time.perf_counter()
-    # The folder is our own cache: a phantom made by another generator version is replaced.
-    cached = out / "manifest.json"
-    if cached.is_file() and json.loads(cached.read_text()).get("dataset") == "phantom":
-        phantom_config = phantom_configs.get_config(config.data.phantom_variant)
-        existing = json.loads(cached.read_text())
-        overwrite = overwrite or existing.get("config") != json.loads(
-            json.dumps(phantom_config.to_dict()))
-    phantom.generate_dataset(out, phantom_configs.get_config(config.data.phantom_variant),
-                             seed=config.data.phantom_seed, progress=progress,
-                             overwrite=overwrite)
+    # The folder is our own cache: a phantom made with another config, seed or generator
+    # version is replaced.
+    phantom_config = phantom_configs.get_config(config.data.phantom_variant)
+    overwrite = overwrite or phantom.is_stale_cache(out, phantom_config,
+                                                    config.data.phantom_seed)
+    phantom.generate_dataset(out, phantom_config, seed=config.data.phantom_seed,
+                             progress=progress, overwrite=overwrite)
     print(f"phantom: {out} ({time.perf_counter() - start:.1f} s)")
     return out
 

@@ -7,8 +7,11 @@ lesion subjects a tumour, MS-like lesions or a stroke-like wedge. T1, T2, PD (sp
 and FLAIR (inversion recovery) come from the tissue fractions through the MR signal
 equations with jittered 1.5 T tissue parameters (see `phantom_signal`), then a smooth bias
 field and Rician noise. Every random draw comes from numpy Generators seeded by
-(seed, subject index, stream): stream 0 anatomy, 1 lesion, 2 acquisition, so the healthy
-and a lesion version of the same subject index share anatomy and noise.
+(seed, subject index, stream): stream 0 anatomy, 1 lesion, 2 acquisition, 3 lesion
+relaxometry, so the healthy and a lesion version of the same subject index share anatomy
+and noise. Every default setting is anchored to a published measurement: docs/phantom.md
+names the source of each, and `benchmarks/phantom_calibration.py` measures the phantom
+against them.
 
 The dataset folder follows docs/CONTRACTS.md; `generate_dataset` writes it atomically.
 """
@@ -36,9 +39,15 @@ from uadjax.data.phantom_template import Template, load_template
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# Version of the generator itself (the code, not the config): bump it whenever the same
+# config and seed would give other images. It is written to the manifest and is part of
+# the cache key, so a phantom made by an older generator is never reused silently.
+#   1  lesion FLAIR contrast drawn uniformly in [0.1, 1.0] (now the `subtle` variant)
+#   2  lesion statistics calibrated to published data (docs/phantom.md)
+GENERATOR_VERSION = 2
 # Images are scaled so that nominal white matter reads about this much in every modality.
 WHITE_MATTER_LEVEL = 1000.0
-ANATOMY, LESION, ACQUISITION = 0, 1, 2
+ANATOMY, LESION, ACQUISITION, LESION_RELAXOMETRY = 0, 1, 2, 3
 # Default parallelism of generate_dataset (starting workers costs about a second each).
 AUTO_WORKERS = 2
 PARALLEL_MIN_SUBJECTS = 24
@@ -56,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.sequences = ml_collections.ConfigDict({
         "t1": {"kind": "se", "tr": 500.0, "te": 15.0},
         "t2": {"kind": "se", "tr": 4000.0, "te": 100.0},
-        "pd": {"kind": "se", "tr": 4000.0, "te": 15.0},
+        "pd": {"kind": "se", "tr": 6000.0, "te": 15.0},
         "flair": {"kind": "ir", "tr": 9000.0, "te": 120.0, "ti": 0.0},
     })
     config.anatomy = ml_collections.ConfigDict({
@@ -65,6 +74,18 @@ def default_config() -> ml_collections.ConfigDict:
         "rotation_deg": 4.0,
         "scale_range": 0.04,
         "translation_vox": 1.5,
+        # One subject's anatomy, not the average's (docs/phantom.md, "Healthy anatomy").
+        "ventricles": {
+            "strength": (-0.3, 0.35),  # radial push (> 0 larger, < 0 smaller ventricles)
+            "scale_vox": 20.0,
+            "asymmetry_offset_vox": 2.0,  # sideways offset of the push: left-right asymmetry
+        },
+        "cortex": {
+            "band_vox": 7.0,  # the cortical band: within 7 voxels of the surface, fading out
+            "sulcal_csf_gain": (2.0, 4.0),
+            "thickness_log_shift": (0.4, 1.0),
+            "sharpness": (3.0, 5.0),
+        },
         "tissue_relative_std": 0.05,  # log-normal jitter of T1, T2 per subject and tissue
         "tissue_pd_relative_std": 0.03,
         "texture_ctrl": (10, 12, 10),  # within-tissue water-content variation
@@ -83,36 +104,49 @@ def default_config() -> ml_collections.ConfigDict:
         "rim_flair_contrast": (0.15, 0.9),  # periventricular rims/caps, over WM
         "rim_thickness_vox": (0.8, 2.0),
         "cap_radius_vox": (1.5, 3.0),
-        "spot_count": (0, 6),  # tiny unlabelled white-matter spots
+        "spot_count": (0, 3),  # tiny unlabelled white-matter spots
         "spot_radius_vox": (0.4, 0.8),
         "spot_flair_contrast": (0.3, 1.0),
-        "flow_probability": 0.7,  # FLAIR CSF inflow patches and their phase-encode ghost
+        "flow_probability": 0.25,  # FLAIR CSF inflow patches and their phase-encode ghost
         "flow_strength": (0.3, 1.6),  # x WM FLAIR signal
         "flow_ctrl": (14, 16, 14),
         "flow_threshold": 0.7,
         "flow_ghost_amplitude": (0.0, 0.3),
     })
     config.acquisition = ml_collections.ConfigDict({
-        "bias_amplitude": (0.02, 0.2),  # max |field - 1| inside the grid
+        "bias_amplitude": (0.02, 0.1),  # max |field - 1| inside the brain
         "bias_ctrl": (4, 5, 4),
         "noise_fraction": (0.01, 0.05),  # Rician sigma / WM signal
         "gain": (0.9, 1.1),
     })
+    # Lesions (docs/phantom.md, "Lesions", gives the source of every number).
     config.lesions = ml_collections.ConfigDict({
-        "flair_contrast": (0.1, 1.0),  # target (S_lesion - S_wm) / S_wm on FLAIR
+        # Severity s = the share of lesion tissue in a lesion voxel (the rest stays the
+        # tissue it replaced). 'relaxometry': s drawn per lesion from `severity`, a share
+        # `subtle_fraction` of lesions from `subtle_severity`, so contrast in every modality
+        # follows from the compartment's relaxation times; 'flair_contrast': s set so that
+        # the FLAIR contrast over WM is uniform in `flair_contrast` (generator 1: `subtle`).
+        "contrast_model": "relaxometry",
+        "severity": (0.8, 1.0),
+        "subtle_fraction": 0.15,
+        "subtle_severity": (0.35, 0.65),
+        "flair_contrast": (0.1, 1.0),
+        # Per-subject log-normal spread of the lesion compartments' T1 and T2 (relaxometry
+        # model only; on top of anatomy.tissue_relative_std).
+        "relaxometry_std": 0.10,
         "tumour": {
-            "radius_vox": (4.0, 14.0),  # whole tumour incl. oedema, before roughening
-            "core_ratio": (0.3, 0.8),  # core radius / tumour radius
+            "radius_vox": (9.0, 20.0),  # whole tumour incl. oedema, before roughening
+            "core_ratio": (0.35, 0.65),  # core radius / tumour radius
             "core_type_p": (0.4, 0.4, 0.2),  # solid, necrotic, cystic
             "mass_effect": (0.1, 0.45),
             "irregularity": 0.2,  # smooth-noise roughening, x radius
-            "oedema_edge": (0.3, 0.8),  # oedema severity at its outer edge / at the core
-            "oedema_heterogeneity": 0.3,
-            "solid_severity": (0.5, 1.0),
+            "oedema_edge": (0.75, 1.0),  # oedema severity at its outer edge / at the core
+            "oedema_heterogeneity": 0.2,
+            "solid_severity": (0.8, 1.0),
         },
         "ms": {
-            "count": (4, 16),
-            "periventricular_fraction": 0.7,
+            "count": (8, 35),
+            "periventricular_fraction": 0.6,
             "periventricular_max_vox": 5.0,
             "long_radius_vox": (1.5, 5.0),
             "short_radius_vox": (1.0, 2.5),
@@ -129,9 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def subject_rngs(seed: int, index: int) -> tuple[np.random.Generator, ...]:
-    """(anatomy, lesion, acquisition) generators of subject `index`."""
+    """(anatomy, lesion, acquisition, lesion relaxometry) generators of subject `index`."""
     return tuple(np.random.default_rng([seed, index, stream])
-                 for stream in (ANATOMY, LESION, ACQUISITION))
+                 for stream in (ANATOMY, LESION, ACQUISITION, LESION_RELAXOMETRY))
 
 
 def _wet_tissues(tissues: dict) -> dict:
@@ -154,7 +188,8 @@ def _bias_field(rng, shape, brainmask, config) -> np.ndarray:
 
 
 def make_subject(
-    template: Template, config: ml_collections.ConfigDict, index: int, kind: str, seed: int
+    template: Template, config: ml_collections.ConfigDict, index: int, kind: str, seed: int,
+    *, with_anatomy: bool = False,
 ) -> dict[str, Any]:
     """Generates one subject.
 
@@ -164,6 +199,9 @@ def make_subject(
       index: subject index (0-based position in the dataset).
       kind: 'healthy', 'tumour', 'ms' or 'stroke'.
       seed: dataset seed.
+      with_anatomy: also return 'anatomy': the subject's healthy {gm, wm, csf} fractions
+        and its warped 'depth' and 'ventricle_distance' maps [D, H, W] (for measuring the
+        phantom, `benchmarks/phantom_calibration.py`).
 
     Returns:
       {'t1', 't2', 'pd', 'flair': [D, H, W] float32 images (WM about 1000, 0 outside the
@@ -173,17 +211,21 @@ def make_subject(
     """
     if kind != schema.HEALTHY and kind not in schema.PHANTOM_LESION_KINDS:
         raise ValueError(f"phantom: unknown subject kind {kind!r}")
-    rng_anatomy, rng_lesion, rng_acquisition = subject_rngs(seed, index)
+    rng_anatomy, rng_lesion, rng_acquisition, rng_relaxometry = subject_rngs(seed, index)
     shape = template.shape
     a, h = config.anatomy, config.healthy
 
     coords = geometry.deformation_coordinates(
         rng_anatomy, shape, a.deformation_ctrl, a.displacement_std_vox, a.rotation_deg,
         a.scale_range, a.translation_vox)
+    if a.get("ventricles") is not None:
+        coords = anatomy.vary_ventricles(coords, template, rng_anatomy, a.ventricles)
     maps = anatomy.warp_template(template, coords)
     del coords
     maps, atrophic = anatomy.apply_atrophy(maps, rng_anatomy, a.atrophy)
     maps.update(anatomy.tissue_fractions(maps))
+    if a.get("cortex") is not None:
+        maps.update(anatomy.individual_cortex(maps, maps, rng_anatomy, a.cortex))
     tumour_plan = None
     if kind == "tumour":
         tumour_plan = lesions.plan_tumour(maps, rng_lesion, config.lesions.tumour)
@@ -192,12 +234,17 @@ def make_subject(
 
     tissues = signal.jitter_tissues(rng_anatomy, a.tissue_relative_std,
                                     a.tissue_pd_relative_std)
+    if config.lesions.contrast_model == "relaxometry":
+        tissues = signal.jitter_pathology(rng_relaxometry, tissues,
+                                          config.lesions.relaxometry_std)
     signals = signal.compartment_signals(tissues, config.sequences)
     wet_signals = signal.compartment_signals(_wet_tissues(tissues), config.sequences)
     texture = geometry.smooth_field(rng_anatomy, shape, a.texture_ctrl) * np.float32(
         a.texture_std)
 
     fractions = {name: maps[name] for name in signal.HEALTHY_TISSUES}
+    anatomy_maps = ({**fractions, "depth": maps["depth"],
+                     "ventricle_distance": maps["ventricle_distance"]} if with_anatomy else None)
     rim_contrast = rng_anatomy.uniform(*h.rim_flair_contrast)
     has_rims = rng_anatomy.uniform() < h.rim_probability
     rim_weight = anatomy.periventricular_weight(maps, rng_anatomy, h)
@@ -212,15 +259,15 @@ def make_subject(
     flow, flow_strength, ghost_shift, ghost_amplitude = anatomy.csf_flow_pattern(
         maps, rng_anatomy, h)
 
-    contrast_range = tuple(config.lesions.flair_contrast)
+    lc = config.lesions
+    subtle = lesions.is_subtle_subject(index, lc.subtle_fraction)  # single-lesion kinds
     if kind == "tumour":
-        lesion = lesions.make_tumour(maps, tumour_plan, rng_lesion, config.lesions.tumour,
-                                     signals, contrast_range)
+        lesion = lesions.make_tumour(maps, tumour_plan, rng_lesion, lc.tumour, signals, lc,
+                                     subtle)
     elif kind == "ms":
-        lesion = lesions.make_ms(maps, rng_lesion, config.lesions.ms, signals, contrast_range)
+        lesion = lesions.make_ms(maps, rng_lesion, lc.ms, signals, lc)
     elif kind == "stroke":
-        lesion = lesions.make_stroke(maps, rng_lesion, config.lesions.stroke, signals,
-                                     contrast_range)
+        lesion = lesions.make_stroke(maps, rng_lesion, lc.stroke, signals, lc, subtle)
     else:
         lesion = lesions.empty_lesion(shape)
     lesion.fraction *= brainmask
@@ -252,6 +299,8 @@ def make_subject(
         "lesion_volume_ml": round(float(out["seg"].sum()) * voxel_ml, 3),
         "lesion": lesion.info,
     }
+    if with_anatomy:
+        out["anatomy"] = anatomy_maps
     return out
 
 
@@ -309,6 +358,24 @@ def _read_manifest(folder: pathlib.Path) -> dict | None:
         return None
 
 
+def _same_phantom(manifest: dict, config_json: dict, seed: int) -> bool:
+    """Whether `manifest` describes the phantom this generator makes for (config, seed)."""
+    return (manifest.get("dataset") == "phantom" and manifest.get("seed") == seed
+            and manifest.get("generator") == GENERATOR_VERSION
+            and manifest.get("config") == config_json)
+
+
+def is_stale_cache(out_dir, config: ml_collections.ConfigDict, seed: int) -> bool:
+    """True when `out_dir` holds a phantom made with another config, seed or generator.
+
+    Callers that own `out_dir` as a cache (the jobs, the calibration benchmark) then
+    regenerate it with overwrite=True; a folder holding anything else is left alone.
+    """
+    existing = _read_manifest(pathlib.Path(out_dir))
+    return (existing is not None and existing.get("dataset") == "phantom"
+            and not _same_phantom(existing, _jsonable(config), seed))
+
+
 def _remove_stale_partials(out_dir: pathlib.Path) -> None:
     """Deletes temporary siblings left by killed runs (their process is gone)."""
     for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
@@ -358,8 +425,7 @@ def generate_dataset(
     config = config if config is not None else default_config()
     config_json = _jsonable(config)
     existing = _read_manifest(out_dir)
-    if (existing is not None and not overwrite and existing.get("seed") == seed
-            and existing.get("config") == config_json):
+    if existing is not None and not overwrite and _same_phantom(existing, config_json, seed):
         return existing
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -429,7 +495,8 @@ def _write_all(folder, template, config, config_json, seed, progress, workers) -
             subjects = [future.result() for future in futures]
     bar.close()
     manifest = {
-        "dataset": "phantom", "version": MANIFEST_VERSION, "seed": seed,
+        "dataset": "phantom", "version": MANIFEST_VERSION, "generator": GENERATOR_VERSION,
+        "seed": seed,
         "modalities": list(signal.MODALITIES), "shape": list(template.shape),
         "voxel_size_mm": template.voxel_size_mm, "affine": template.affine.tolist(),
         "config": config_json, "subjects": subjects,

@@ -115,6 +115,78 @@ def tissue_fractions(maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: f * scale for name, f in fractions.items()}
 
 
+def vary_ventricles(
+    coords: np.ndarray, template: Template, rng: np.random.Generator, config
+) -> np.ndarray:
+    """Every subject's own ventricle size and asymmetry (the template has the mean shape).
+
+    One radial push or pull about a point offset sideways from the template ventricles'
+    centre, so one lateral ventricle changes more than the other; composed into the
+    subject's sampling coordinates (`geometry.push_coordinates`), so it costs no warp.
+
+    Args:
+      coords: [3, D, H, W] float32 template coordinates of the subject's voxels.
+      template: the template (its ventricles).
+      rng: the subject's anatomy generator (always two draws).
+      config: `anatomy.ventricles` of the phantom config.
+
+    Returns:
+      [3, D, H, W] float32 coordinates.
+    """
+    strength = rng.uniform(*config.strength)
+    offset = rng.normal(0.0, config.asymmetry_offset_vox)
+    centre = ventricle_centre({"ventricle_distance": template.ventricle_distance})
+    centre = centre + np.array([offset, 0.0, 0.0])
+    return geometry.push_coordinates(coords, centre, strength, config.scale_vox)
+
+
+def cortical_band(maps: Mapping[str, np.ndarray], band_vox: float) -> np.ndarray:
+    """[D, H, W] float32 weight, 1 within `band_vox` of the brain surface fading to 0 at
+    twice that, and 0 near the ventricles: where sulci and the cortical ribbon are."""
+    band = np.clip(2.0 - maps["depth"] / band_vox, 0.0, 1.0)
+    return (band * (maps["ventricle_distance"] > 3.0)).astype(np.float32)
+
+
+def individual_cortex(
+    fractions: Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray],
+    rng: np.random.Generator, config,
+) -> dict[str, np.ndarray]:
+    """One subject's cortex from the population-average tissue maps.
+
+    The ICBM maps average 152 brains, so their sulci are shallow CSF haze and every tissue
+    boundary is blurred over several voxels. Three per-subject changes, each anchored in
+    docs/phantom.md ("Healthy anatomy"):
+      1. sulcal CSF: in the cortical band CSF is multiplied by `sulcal_csf_gain` (the CSF
+         that averaging spread into the ribbon comes back; wider sulci for larger gains);
+      2. cortical thickness: WM is multiplied by exp(b) in the band (b drawn from
+         `thickness_log_shift`), which moves the GM/WM boundary into or out of the GM;
+      3. boundary sharpness: fractions p_i become p_i^g / sum_j p_j^g (g from
+         `sharpness`), total tissue unchanged: partial volume is then a voxel or so wide,
+         as in one subject's scan, instead of the average's several voxels.
+
+    Args:
+      fractions: {gm, wm, csf} [D, H, W] float32 (`tissue_fractions`).
+      maps: the warped maps (depth, ventricle_distance).
+      rng: the subject's anatomy generator (always three draws).
+      config: `anatomy.cortex` of the phantom config.
+
+    Returns:
+      New {gm, wm, csf} [D, H, W] float32, same per-voxel total.
+    """
+    gain = rng.uniform(*config.sulcal_csf_gain)
+    shift = rng.uniform(*config.thickness_log_shift)
+    sharpness = rng.uniform(*config.sharpness)
+    band = cortical_band(maps, config.band_vox)
+    gm, wm, csf = (np.asarray(fractions[n], np.float32) for n in ("gm", "wm", "csf"))
+    total = gm + wm + csf
+    csf = csf * (1.0 + np.float32(gain - 1.0) * band)
+    wm = wm * np.exp(np.float32(shift) * band)
+    powered = [np.power(np.maximum(x, 0.0), np.float32(sharpness)) for x in (gm, wm, csf)]
+    norm = np.maximum(powered[0] + powered[1] + powered[2], 1e-12)
+    scale = np.where(total > 0.0, total / norm, 0.0).astype(np.float32)
+    return {name: (p * scale).astype(np.float32) for name, p in zip(("gm", "wm", "csf"), powered)}
+
+
 def periventricular_weight(
     maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
 ) -> np.ndarray:

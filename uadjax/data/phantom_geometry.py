@@ -176,6 +176,32 @@ def expand_around(
     return out
 
 
+def push_coordinates(
+    coords: np.ndarray, centre: Sequence[float], strength: float, scale_vox: float
+) -> np.ndarray:
+    """Composes a radial push about `centre` (template space) into sampling coordinates.
+
+    A template point p becomes c + (p - c)(1 - strength exp(-|p - c|^2 / scale^2)), the
+    map of `expand_around`, but applied to the coordinates before the one warp instead of
+    warping every map again: nearly free. strength > 0 enlarges what lies at `centre`,
+    < 0 shrinks it.
+
+    Args:
+      coords: [3, D, H, W] float32 template coordinates of each subject voxel.
+      centre: [3] template voxel coordinates.
+      strength: in (-0.5, 0.9).
+      scale_vox: Gaussian scale (voxels).
+
+    Returns:
+      [3, D, H, W] float32 new coordinates.
+    """
+    centre = np.asarray(centre, np.float32)[:, None, None, None]
+    rel = coords - centre
+    squeeze = 1.0 - np.float32(strength) * np.exp(
+        -(rel**2).sum(axis=0) / np.float32(scale_vox**2))
+    return (centre + rel * squeeze.astype(np.float32)).astype(np.float32)
+
+
 def soft_fraction(signed_distance: np.ndarray) -> np.ndarray:
     """Partial-volume fraction of a shape from its signed distance (voxels, < 0 inside).
 

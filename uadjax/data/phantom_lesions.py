@@ -4,8 +4,11 @@ Every lesion is a `Lesion`: a partial-volume lesion fraction L [D, H, W] (the sh
 voxel occupied by lesion, at most the voxel's tissue) and the pathological compartments
 inside it ({tissue name: [D, H, W] fraction}, each <= L). Within the lesion a "severity" s
 in [0, 1] sets how much of the lesion volume is pathological tissue and how much stays the
-tissue it replaced; s is drawn from a target FLAIR contrast over white matter (see
-`phantom_signal.severity_for_flair_contrast`), so lesions range from subtle to bright.
+tissue it replaced. `draw_severity` draws s per lesion under the config's contrast model:
+'relaxometry' (the default) draws s itself, mostly near 1 with a minority of subtle lesions,
+so each lesion's contrast in every modality follows from its compartment's relaxation
+times; 'flair_contrast' (the `subtle` variant) sets s from a target FLAIR contrast over
+white matter drawn uniformly (`phantom_signal.severity_for_flair_contrast`).
 The label is seg = (L >= 0.5): exactly the voxels where lesion tissue was inserted.
 """
 
@@ -55,6 +58,47 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, what: str) -> np.nda
     return candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
 
 
+GOLDEN = 0.6180339887498949
+
+
+def is_subtle_subject(index: int, fraction: float) -> bool:
+    """Whether subject `index`'s single lesion is a subtle one.
+
+    A low-discrepancy assignment (index x golden ratio, mod 1, below `fraction`) instead
+    of a coin flip: any run of consecutive subjects (a split) holds the configured share
+    of subtle lesions to within one subject, so a test set of ten tumours cannot draw three
+    subtle ones by chance and move the benchmark's figures.
+    """
+    return (index * GOLDEN) % 1.0 < fraction
+
+
+def draw_severity(
+    rng: np.random.Generator, signals: Mapping[str, Mapping[str, float]], compartment: str,
+    config, subtle: bool | None = None,
+) -> tuple[float, float]:
+    """One lesion's severity s and the FLAIR contrast over WM it gives, (s, contrast).
+
+    Args:
+      rng: lesion generator (one uniform draw for 'flair_contrast', two for 'relaxometry').
+      signals: {modality: {tissue: signal}} of this subject.
+      compartment: the lesion compartment whose FLAIR signal sets the contrast.
+      config: the `lesions` section of the phantom config.
+      subtle: 'relaxometry' only: whether the lesion is subtle; None draws it with
+        probability `subtle_fraction` (the draw is made either way).
+    """
+    flair = signals["flair"]
+    full_contrast = flair[compartment] / flair["wm"] - 1.0
+    if config.contrast_model == "flair_contrast":
+        contrast = float(rng.uniform(*config.flair_contrast))
+        return severity_for_flair_contrast(signals, compartment, contrast), contrast
+    if config.contrast_model != "relaxometry":
+        raise ValueError(f"phantom: unknown lesions.contrast_model {config.contrast_model!r}")
+    coin = rng.uniform() < config.subtle_fraction
+    subtle = coin if subtle is None else subtle
+    severity = float(rng.uniform(*(config.subtle_severity if subtle else config.severity)))
+    return severity, severity * full_contrast
+
+
 def _paste(volume: np.ndarray, slices, local: np.ndarray) -> None:
     """volume[slices] = max(volume[slices], local), in place."""
     volume[slices] = np.maximum(volume[slices], local)
@@ -102,14 +146,14 @@ def apply_mass_effect(maps: Mapping[str, np.ndarray], plan: TumourPlan) -> dict:
 
 def make_tumour(
     maps: Mapping[str, np.ndarray], plan: TumourPlan, rng: np.random.Generator, config,
-    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+    signals: Mapping[str, Mapping[str, float]], lesion_config, subtle: bool | None = None,
 ) -> Lesion:
     """An irregular tumour: solid core (maybe necrotic or cystic) inside finger-like oedema.
 
     Shapes are ellipsoids roughened by smooth noise. Oedema spreads in white matter and
-    spares the cortex; its severity fades from the core outwards and varies in space, with
-    a per-tumour target FLAIR contrast so that some oedema is subtle. The core replaces all
-    tissue; necrosis and cysts are fluid-like (T2 very bright, FLAIR darker).
+    spares the cortex; its severity (`draw_severity`, per tumour) fades from the core
+    outwards and varies in space, so some oedema is subtle. The core replaces all tissue;
+    necrosis and cysts are fluid-like (T2 very bright, FLAIR darker).
 
     Args:
       maps: fractions gm, wm, csf after the mass effect [D, H, W].
@@ -117,7 +161,8 @@ def make_tumour(
       rng: lesion generator.
       config: `lesions.tumour` config.
       signals: {modality: {tissue: signal}} of this subject.
-      flair_contrast: (low, high) target FLAIR contrast of the oedema over WM.
+      lesion_config: the `lesions` section (contrast model, see `draw_severity`).
+      subtle: passed to `draw_severity`.
 
     Returns:
       The `Lesion`.
@@ -150,13 +195,11 @@ def make_tumour(
     oedema_geometry = (outer - core) * oedema_room
     core_geometry = core * tissue
 
-    contrast = rng.uniform(*flair_contrast)
+    severity, contrast = draw_severity(rng, signals, "oedema", lesion_config, subtle)
     edge = rng.uniform(*config.oedema_edge)
     across = np.clip(sd_core / max(radius * (1.0 - core_ratio), 1.0), 0.0, 1.0)
     texture = 1.0 + config.oedema_heterogeneity * geometry.smooth_field(rng, box, (6, 6, 6))
-    oedema_severity = np.clip(
-        severity_for_flair_contrast(signals, "oedema", contrast)
-        * (1.0 - (1.0 - edge) * across) * texture, 0.0, 1.0)
+    oedema_severity = np.clip(severity * (1.0 - (1.0 - edge) * across) * texture, 0.0, 1.0)
     solid_severity = rng.uniform(*config.solid_severity)
     inner_severity = rng.uniform(0.7, 1.0)
     inner_tissue = "necrosis" if subtype == "necrotic" else "cyst"
@@ -172,8 +215,11 @@ def make_tumour(
     for name, value in local.items():
         pathology[name] = np.zeros(shape, np.float32)
         pathology[name][slices] = value
+    whole = float((core_geometry + oedema_geometry).sum())
     info = {"count": 1, "subtype": subtype, "radius_vox": round(radius, 2),
-            "mass_effect": round(plan.mass_effect, 3), "flair_contrast": [round(contrast, 3)]}
+            "core_share": round(float(core_geometry.sum()) / max(whole, 1e-6), 3),
+            "mass_effect": round(plan.mass_effect, 3), "severity": [round(severity, 3)],
+            "flair_contrast": [round(contrast, 3)]}
     return Lesion(fraction, pathology, info)
 
 
@@ -194,21 +240,21 @@ def _gradient_at(volume: np.ndarray, point: np.ndarray) -> np.ndarray:
 
 def make_ms(
     maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
-    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+    signals: Mapping[str, Mapping[str, float]], lesion_config,
 ) -> Lesion:
     """Several small ovoid white-matter lesions, mostly periventricular.
 
     Periventricular ovoids point their long axis along the gradient of the distance to the
     ventricles, i.e. perpendicular to the ventricle wall (Dawson's fingers); the others
     sit in deep or juxtacortical white matter with random orientation. Each lesion has its
-    own target FLAIR contrast. Lesions occupy parenchyma, not CSF.
+    own severity (`draw_severity`). Lesions occupy parenchyma, not CSF.
 
     Args:
       maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
       rng: lesion generator.
       config: `lesions.ms` config.
       signals: {modality: {tissue: signal}} of this subject.
-      flair_contrast: (low, high) target FLAIR contrast over WM.
+      lesion_config: the `lesions` section (contrast model, see `draw_severity`).
 
     Returns:
       The `Lesion`.
@@ -222,7 +268,7 @@ def make_ms(
     count = int(rng.integers(config.count[0], config.count[1] + 1))
     lesion_shape = np.zeros(shape, np.float32)
     lesion_severity = np.zeros(shape, np.float32)
-    contrasts = []
+    contrasts, severities = [], []
     for _ in range(count):
         is_periventricular = rng.uniform() < config.periventricular_fraction
         if is_periventricular:
@@ -238,13 +284,14 @@ def make_ms(
         sd = (geometry.ellipsoid_signed_distance(rel, axes, radii)
               + 0.2 * short_radius * geometry.smooth_field(rng, rel.shape[1:], (4, 4, 4)))
         local = geometry.soft_fraction(sd)
-        contrast = rng.uniform(*flair_contrast)
-        contrasts.append(round(float(contrast), 3))
-        severity = severity_for_flair_contrast(signals, "ms", contrast)
+        severity, contrast = draw_severity(rng, signals, "ms", lesion_config)
+        contrasts.append(round(contrast, 3))
+        severities.append(round(severity, 3))
         _paste(lesion_shape, slices, local)
         _paste(lesion_severity, slices, local * severity)
     parenchyma = maps["gm"] + maps["wm"]
-    info = {"count": count, "subtype": "ms", "flair_contrast": contrasts}
+    info = {"count": count, "subtype": "ms", "severity": severities,
+            "flair_contrast": contrasts}
     return Lesion(lesion_shape * parenchyma, {"ms": lesion_severity * parenchyma}, info)
 
 
@@ -254,21 +301,22 @@ def make_ms(
 
 def make_stroke(
     maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
-    signals: Mapping[str, Mapping[str, float]], flair_contrast: tuple[float, float],
+    signals: Mapping[str, Mapping[str, float]], lesion_config, subtle: bool | None = None,
 ) -> Lesion:
     """A cortical-subcortical wedge, like an arterial territory infarct.
 
     The wedge is a cone whose axis runs from a cortical point towards the ventricles; it
     covers the cortex and the white matter beneath down to a random depth, with rough
-    edges. Subacute infarcts are oedema-like (FLAIR bright to a drawn contrast); chronic
-    ones are a fluid cavity (T1 dark, T2 bright, FLAIR dark) lined with bright gliosis.
+    edges. Subacute infarcts are oedema-like (FLAIR bright, severity from `draw_severity`);
+    chronic ones are a fluid cavity (T1 dark, T2 bright, FLAIR dark) lined with gliosis.
 
     Args:
       maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
       rng: lesion generator.
       config: `lesions.stroke` config.
       signals: {modality: {tissue: signal}} of this subject.
-      flair_contrast: (low, high) target FLAIR contrast over WM.
+      lesion_config: the `lesions` section (contrast model, see `draw_severity`).
+      subtle: passed to `draw_severity`.
 
     Returns:
       The `Lesion`.
@@ -303,18 +351,17 @@ def make_stroke(
     local_fraction = wedge * parenchyma
 
     subtype = "chronic" if rng.uniform() < config.chronic_probability else "subacute"
-    contrast = rng.uniform(*flair_contrast)
+    compartment = "gliosis" if subtype == "chronic" else "infarct_acute"
+    severity, contrast = draw_severity(rng, signals, compartment, lesion_config, subtle)
     if subtype == "chronic":
         rim_width = rng.uniform(*config.rim_width_vox)
         cavity = np.clip(-sd - rim_width, 0.0, 1.0)
         local = {
             "infarct_fluid": local_fraction * cavity * rng.uniform(0.6, 1.0),
-            "gliosis": local_fraction * (1.0 - cavity)
-            * severity_for_flair_contrast(signals, "gliosis", contrast),
+            "gliosis": local_fraction * (1.0 - cavity) * severity,
         }
     else:
         texture = 1.0 + 0.2 * geometry.smooth_field(rng, rel.shape[1:], (5, 5, 5))
-        severity = severity_for_flair_contrast(signals, "infarct_acute", contrast)
         local = {"infarct_acute": local_fraction * np.clip(severity * texture, 0.0, 1.0)}
     fraction = np.zeros(shape, np.float32)
     fraction[slices] = local_fraction
@@ -322,7 +369,8 @@ def make_stroke(
     for name, value in local.items():
         pathology[name] = np.zeros(shape, np.float32)
         pathology[name][slices] = value
-    info = {"count": 1, "subtype": subtype, "flair_contrast": [round(float(contrast), 3)],
+    info = {"count": 1, "subtype": subtype, "severity": [round(severity, 3)],
+            "flair_contrast": [round(float(contrast), 3)],
             "half_angle_deg": round(float(np.rad2deg(half_angle)), 1)}
     return Lesion(fraction, pathology, info)
 

@@ -36,7 +36,7 @@ class TissueParameters(NamedTuple):
 #   them; gliosis is FLAIR-bright). pv_rim is the healthy periventricular interstitial fluid
 #   (ependymitis granularis, "caps and bands") that makes FLAIR/T2 rims around ventricles.
 TISSUES: dict[str, TissueParameters] = {
-    "csf": TissueParameters(t1=2569.0, t2=329.0, pd=1.00),
+    "csf": TissueParameters(t1=4200.0, t2=329.0, pd=1.00),
     "gm": TissueParameters(t1=833.0, t2=83.0, pd=0.86),
     "wm": TissueParameters(t1=500.0, t2=70.0, pd=0.77),
     "ms": TissueParameters(t1=752.0, t2=237.0, pd=0.76),
@@ -50,6 +50,8 @@ TISSUES: dict[str, TissueParameters] = {
     "pv_rim": TissueParameters(t1=1000.0, t2=140.0, pd=0.84),
 }
 HEALTHY_TISSUES = ("gm", "wm", "csf")
+# Healthy compartments that are not lesion tissue (the periventricular fluid is normal).
+NORMAL_COMPARTMENTS = (*HEALTHY_TISSUES, "pv_rim")
 MODALITIES = ("t1", "t2", "pd", "flair")
 
 
@@ -111,6 +113,24 @@ def jitter_tissues(
     for name, p in TISSUES.items():
         f1, f2, fpd = np.exp(rng.normal(0.0, [relative_std, relative_std, pd_relative_std]))
         out[name] = TissueParameters(p.t1 * f1, p.t2 * f2, min(1.0, p.pd * fpd))
+    return out
+
+
+def jitter_pathology(
+    rng: np.random.Generator, tissues: Mapping[str, TissueParameters], relative_std: float
+) -> dict[str, TissueParameters]:
+    """The lesion compartments' T1 and T2 times a log-normal factor (std of the log).
+
+    Lesions of one kind differ more between patients than healthy tissue does; the normal
+    compartments (`NORMAL_COMPARTMENTS`) are returned unchanged. Draws in `TISSUES` order.
+    """
+    out = dict(tissues)
+    for name in TISSUES:
+        if name in NORMAL_COMPARTMENTS:
+            continue
+        f1, f2 = np.exp(rng.normal(0.0, relative_std, size=2))
+        p = tissues[name]
+        out[name] = TissueParameters(p.t1 * f1, p.t2 * f2, p.pd)
     return out
 
 
