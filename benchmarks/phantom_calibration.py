@@ -1,7 +1,7 @@
-"""The phantom against the real datasets: threshold baselines and lesion statistics.
+"""The phantom against the real datasets: threshold baselines, lesions and anatomy.
 
     python -m benchmarks.phantom_calibration [--variant default] [--seed 0]
-        [--resolutions 2,3] [--modalities flair,t2] [--json out.json]
+        [--resolutions native,3] [--modalities flair,t2] [--json out.json]
 
 Generates (or reuses, cached in `.cache/phantom`) the phantom variant, then prints
   1. the intensity-threshold baseline per lesion kind, modality and resolution, on the
@@ -13,13 +13,17 @@ Generates (or reuses, cached in `.cache/phantom`) the phantom variant, then prin
   2. the lesion volumes and counts per kind (test and validation lesion subjects) against
      the published distributions of docs/phantom.md;
   3. each lesion compartment's signal over WM and GM in T1, T2, PD and FLAIR (the signal
-     equations with the nominal tissue parameters), and, measured on the images, where the
-     median lesion voxel sits among the same subject's healthy brain voxels.
+     equations with the nominal tissue parameters) beside the ICBM template's own healthy
+     contrast, and, measured on the images, where the median lesion voxel sits among the
+     same subject's healthy brain voxels;
+  4. the healthy anatomy of the test subjects (CSF fraction, ventricle volume, GM/WM edge
+     width, cortical thickness) against published morphometry and the template itself.
 
-Resolutions: 3 = the CPU configs' grid (configs/data.py:cpu, 64x64 at 3 mm, cpu evaluation
-post-processing); 2 = the phantom's native 2 mm grid (no resampling, the whole brain, the
-paper-size post-processing); 1 = the 1 mm phantom (`--variant 1mm`, native, paper
-post-processing at 1 mm).
+Resolutions: 3 = the CPU configs' grid (configs/data.py:cpu, 64x64 at 3 mm, the cpu
+evaluation's post-processing: eroded mask, 3D median filter of 5, components >= 8 voxels);
+native = the phantom's own grid (2 mm, or 1 mm for `--variant 1mm`), no resampling, the
+whole brain, Meissen et al.'s protocol: no median filter, one erosion of the mask,
+components of at least 64 mm3.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from configs import common as common_configs
 from configs import data as data_configs
 from configs import phantom as phantom_configs
 from uadjax import evaluate
-from uadjax.data import nifti, phantom, phantom_signal, preprocess, schema
+from uadjax.data import nifti, phantom, phantom_anatomy, phantom_signal, preprocess, schema
+from uadjax.data.phantom_reference import (ANATOMY_ANCHORS, ANCHORS, FISCHL_2000,
+                                           ICBM_CONTRAST, THRESHOLD_TARGETS)
+from uadjax.data.phantom_template import load_template
 from uadjax.inference.scoring import ScoredVolume
-from uadjax.data.phantom_reference import ANCHORS, THRESHOLD_TARGETS
 
 SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema.TEST_HEALTHY)
 
@@ -52,25 +58,22 @@ def dataset(variant: str, seed: int, root: str = ".cache/phantom") -> pathlib.Pa
     return out
 
 
-def grid_configs(resolution: int, modality: str, native_mm: float):
-    """(data config, eval config) of one evaluation grid."""
-    if resolution == 3:
-        data = data_configs.get_config(f"cpu:{modality}")
-        ecfg = common_configs.base_config("cpu").eval
-    else:
-        data = data_configs.get_config(f"paper:{modality}")
-        data.target_spacing = None  # native grid
-        data.image_size = (256, 256)  # the whole brain
-        data.num_slices = None
-        ecfg = common_configs.base_config("paper").eval
-        if native_mm < 1.5:  # post-processing sized in mm: twice the voxels at 1 mm
-            ecfg.erode_iterations = 2 * ecfg.erode_iterations
-            ecfg.median_size = 2 * ecfg.median_size + 1
-            ecfg.min_component_size = 8 * ecfg.min_component_size
+def grid_configs(resolution: str, modality: str, native_mm: float):
+    """(data config, eval config) of one evaluation grid ('3' or 'native')."""
+    if resolution == "3":
+        return data_configs.get_config(f"cpu:{modality}"), common_configs.base_config("cpu").eval
+    data = data_configs.get_config(f"paper:{modality}")
+    data.target_spacing = None  # native grid
+    data.image_size = (256, 256) if native_mm < 1.5 else (96, 112)  # the whole brain
+    data.num_slices = None
+    ecfg = common_configs.base_config("paper").eval
+    ecfg.median_size = 0
+    ecfg.erode_iterations = 1
+    ecfg.min_component_size = int(round(64.0 / native_mm**3))
     return data, ecfg
 
 
-def threshold_results(folder: pathlib.Path, manifest: dict, resolution: int, modality: str):
+def threshold_results(folder: pathlib.Path, manifest: dict, resolution: str, modality: str):
     """evaluate_scores' results of the intensity threshold on one modality and grid."""
     data, ecfg = grid_configs(resolution, modality, manifest["voxel_size_mm"])
     split_volumes: dict = {split: {} for split in SPLITS}
@@ -95,10 +98,10 @@ def print_threshold_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         anchor = THRESHOLD_TARGETS.get((r["kind"], r["modality"]), {})
-        target = anchor.get("target", {}).get(r["grid_mm"])
+        target = anchor.get("target", {}).get(round(r["grid_mm"]))
         target = f"{target[0]:.2f}-{target[1]:.2f}" if target else "-"
         published = f"{anchor['published']:.3f} ({anchor['dataset']})" if anchor else "-"
-        print(f"| {r['kind']} | {r['modality']} | {r['grid_mm']} mm | {r['oracle_dice']:.3f} | "
+        print(f"| {r['kind']} | {r['modality']} | {r['grid_mm']:g} mm | {r['oracle_dice']:.3f} | "
               f"{r['ap']:.3f} | {r['val_dice']:.3f} | {r['per_volume_dice']:.3f} | "
               f"{published} | {target} |")
 
@@ -112,6 +115,7 @@ def lesion_statistics(folder: pathlib.Path, manifest: dict) -> dict:
             continue
         kind = entry["kind"]
         s = stats.setdefault(kind, {"volume_ml": [], "count": [], "lesion_ml": [],
+                                    "severity": [], "core_share": [],
                                     "percentile": {m: [] for m in phantom_signal.MODALITIES},
                                     "ratio": {m: [] for m in phantom_signal.MODALITIES}})
         seg = nifti.load_label(folder / entry["files"]["seg"]).data > 0
@@ -119,6 +123,10 @@ def lesion_statistics(folder: pathlib.Path, manifest: dict) -> dict:
         labels, count = ndimage.label(seg)
         sizes = ndimage.sum_labels(seg, labels, np.arange(1, count + 1)) * voxel_ml
         s["volume_ml"].append(float(seg.sum()) * voxel_ml)
+        info = entry.get("lesion", {})
+        s["severity"].extend(info.get("severity", []))
+        if "core_share" in info:
+            s["core_share"].append(info["core_share"])
         s["count"].append(int(count))
         s["lesion_ml"].extend(float(v) for v in sizes)
         healthy = brain & ~ndimage.binary_dilation(seg, iterations=2)
@@ -148,6 +156,18 @@ def print_lesion_table(stats: dict) -> None:
         print(f"| {kind} | {len(s['volume_ml'])} | {_quartiles(s['volume_ml'])} | "
               f"{a['volume_ml_text']} | {_quartiles(s['count'])} | {a.get('count_text', '-')} | "
               f"{_quartiles(s['lesion_ml'])} |")
+    print("\n| kind | lesions | severity, median (range) | subtle lesions (severity < 0.7) "
+          "| tumour core / whole tumour, median (range) |")
+    print("|---|---|---|---|---|")
+    for kind, s in stats.items():
+        sev = np.asarray(s["severity"], float)
+        if sev.size == 0:
+            continue
+        core = (f"{np.median(s['core_share']):.2f} ({min(s['core_share']):.2f}-"
+                f"{max(s['core_share']):.2f}); BraTS: {ANCHORS['tumour']['core_share_text']}"
+                if s["core_share"] else "-")
+        print(f"| {kind} | {sev.size} | {np.median(sev):.2f} ({sev.min():.2f}-{sev.max():.2f}) "
+              f"| {100 * np.mean(sev < 0.7):.0f} % | {core} |")
     print("\n## Image contrast: percentile of the median lesion voxel among the subject's "
           "healthy brain voxels, median (range)\n")
     print("| kind | " + " | ".join(phantom_signal.MODALITIES) + " |")
@@ -169,14 +189,55 @@ def print_compartment_table(config) -> None:
         cells = [f"{signals[m][name] / signals[m]['wm']:.2f} "
                  f"({signals[m][name] / signals[m]['gm']:.2f})" for m in phantom_signal.MODALITIES]
         print(f"| {name} | {p.t1:.0f} | {p.t2:.0f} | {p.pd:.2f} | " + " | ".join(cells) + " |")
+    for name in ("gm", "csf"):
+        cells = [f"{ICBM_CONTRAST[m][name]:.2f}" if m in ICBM_CONTRAST else "-"
+                 for m in phantom_signal.MODALITIES]
+        print(f"| {name}, ICBM 2009c template (measured) | | | | " + " | ".join(cells) + " |")
+
+
+def anatomy_statistics(variant: str, seed: int, manifest: dict) -> dict:
+    """Morphometry of the healthy test subjects (regenerated in memory) and the template."""
+    config = phantom_configs.get_config(variant)
+    template = load_template(config.get("template"))
+    voxel_mm = template.voxel_size_mm
+    rows = {"template": phantom_anatomy.morphometry(
+        {"gm": template.gm, "wm": template.wm, "csf": template.csf}, template.depth,
+        template.ventricle_distance, template.brainmask, voxel_mm)}
+    for index, entry in enumerate(manifest["subjects"]):
+        if entry["split"] != schema.TEST_HEALTHY:
+            continue
+        subject = phantom.make_subject(template, config, index, entry["kind"], seed,
+                                       with_anatomy=True)
+        a = subject["anatomy"]
+        rows[entry["id"]] = phantom_anatomy.morphometry(
+            a, a["depth"], a["ventricle_distance"], subject["brainmask"] > 0, voxel_mm)
+    return {"voxel_mm": voxel_mm, "rows": rows}
+
+
+def print_anatomy_table(anatomy: dict) -> None:
+    rows = anatomy["rows"]
+    subjects = [r for name, r in rows.items() if name != "template"]
+    keys = ("csf_fraction", "ventricle_ml", "gm_wm_edge_mm", "thickness_mm", "pure_voxels")
+    print(f"\n## Healthy anatomy ({anatomy['voxel_mm']:g} mm grid): healthy test subjects, "
+          "median (range), against the template and published morphometry\n")
+    print("| measure | ICBM template | phantom subjects | published / expected |")
+    print("|---|---|---|---|")
+    for key in keys:
+        values = [r[key] for r in subjects]
+        anchor = ANATOMY_ANCHORS.get(key, {})
+        text = anchor.get("text", "-")
+        if key == "thickness_mm":
+            text += f" ({FISCHL_2000})"
+        print(f"| {key} | {rows['template'][key]:.3f} | {np.median(values):.3f} "
+              f"({min(values):.3f}-{max(values):.3f}) | {text} |")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="default", help="configs/phantom.py variant")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolutions", default="2,3",
-                        help="evaluation grids in mm: 3 (cpu configs), 2 or 1 (native)")
+    parser.add_argument("--resolutions", default="native,3",
+                        help="evaluation grids: 'native' (the phantom's own grid), '3' (cpu)")
     parser.add_argument("--modalities", default="flair,t2")
     parser.add_argument("--json", default="", help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -187,10 +248,10 @@ def main(argv=None) -> dict:
     print(f"phantom {args.variant} seed {args.seed} (generator {manifest.get('generator')}), "
           f"{folder}: {time.perf_counter() - start:.1f} s")
     rows = []
-    for resolution in (int(r) for r in args.resolutions.split(",")):
+    for resolution in args.resolutions.split(","):
         for modality in args.modalities.split(","):
             results = threshold_results(folder, manifest, resolution, modality)
-            grid = resolution if resolution == 3 else round(manifest["voxel_size_mm"])
+            grid = 3 if resolution == "3" else manifest["voxel_size_mm"]
             for kind, entry in results["kinds"].items():
                 rows.append({
                     "kind": kind, "modality": modality, "grid_mm": grid,
@@ -203,8 +264,11 @@ def main(argv=None) -> dict:
     stats = lesion_statistics(folder, manifest)
     print_lesion_table(stats)
     print_compartment_table(phantom_configs.get_config(args.variant))
+    anatomy = anatomy_statistics(args.variant, args.seed, manifest)
+    print_anatomy_table(anatomy)
     print(f"\n{time.perf_counter() - start:.1f} s in all")
-    out = {"variant": args.variant, "seed": args.seed, "threshold": rows, "lesions": stats}
+    out = {"variant": args.variant, "seed": args.seed, "generator": manifest.get("generator"),
+           "threshold": rows, "lesions": stats, "anatomy": anatomy}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     return out

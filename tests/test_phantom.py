@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from configs import phantom as phantom_configs
 from data_prep import phantom as phantom_cli
-from uadjax.data import phantom, phantom_signal, schema
+from uadjax.data import phantom, phantom_anatomy, phantom_reference, phantom_signal, schema
+from uadjax.data import phantom_lesions as lesions
 from uadjax.data.phantom_template import load_template
 
 IMAGES = ("t1", "t2", "pd", "flair")
@@ -150,8 +152,8 @@ def test_signal_equations_correlate_with_real_template(template, undeformed_conf
 def test_flair_inversion_time_nulls_csf():
     sequence = {"kind": "ir", "tr": 9000.0, "te": 120.0, "ti": 0.0}
     assert phantom_signal.modality_signal(phantom_signal.TISSUES["csf"], sequence) < 1e-9
-    ti = phantom_signal.null_inversion_time(2569.0, 1e9)
-    assert ti == pytest.approx(2569.0 * np.log(2.0))
+    ti = phantom_signal.null_inversion_time(4200.0, 1e9)
+    assert ti == pytest.approx(4200.0 * np.log(2.0))
 
 
 def test_severity_gives_the_target_flair_contrast():
@@ -280,3 +282,177 @@ def test_config_variants():
     assert phantom.default_config().to_dict() == phantom_configs.get_config(None).to_dict()
     with pytest.raises(ValueError):
         phantom_configs.get_config("huge")
+
+
+# ----------------------------------------------------------------------------------------
+# Generator 2: calibrated lesion statistics, versioned caches, individual anatomy, 1 mm.
+
+
+def test_manifest_carries_the_generator_version(tiny_dataset):
+    _, manifest = tiny_dataset
+    assert manifest["generator"] == phantom.GENERATOR_VERSION >= 2
+
+
+def test_phantom_of_another_generator_version_is_never_reused(tmp_path, monkeypatch):
+    from uadjax import jobs
+
+    config = _micro_config()
+    out = tmp_path / "cache"
+    manifest = phantom.generate_dataset(out, config, seed=0, progress=False)
+    assert not phantom.is_stale_cache(out, config, 0)
+    old = dict(manifest, generator=manifest["generator"] - 1)
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert phantom.is_stale_cache(out, config, 0)
+    with pytest.raises(FileExistsError):  # not returned as cached, not silently replaced
+        phantom.generate_dataset(out, config, seed=0, progress=False)
+    # The jobs own their cache folder: they regenerate it.
+    monkeypatch.setattr(phantom_configs, "get_config", lambda variant=None: config)
+    run = ml_collections.ConfigDict({"data": {"dataset_dir": "", "phantom_dir": str(tmp_path),
+                                              "phantom_variant": "micro", "phantom_seed": 0}})
+    (tmp_path / "micro-seed0").mkdir()
+    (tmp_path / "micro-seed0" / "manifest.json").write_text(json.dumps(old))
+    jobs.ensure_phantom(run, progress=False)
+    fresh = json.loads((tmp_path / "micro-seed0" / "manifest.json").read_text())
+    assert fresh["generator"] == phantom.GENERATOR_VERSION
+
+
+def _lesion_config(model="relaxometry"):
+    config = phantom.default_config().lesions
+    config.contrast_model = model
+    return config
+
+
+def test_relaxometry_severities_follow_the_configured_mixture():
+    config = _lesion_config()
+    signals = phantom_signal.compartment_signals(phantom_signal.TISSUES,
+                                                 phantom.default_config().sequences)
+    rng = np.random.default_rng(0)
+    draws = np.array([lesions.draw_severity(rng, signals, "oedema", config)
+                      for _ in range(4000)])
+    severity, contrast = draws[:, 0], draws[:, 1]
+    subtle = severity < config.severity[0]
+    assert subtle.mean() == pytest.approx(config.subtle_fraction, abs=0.02)
+    # Each component is uniform on its range (Kolmogorov-Smirnov against scipy's uniform).
+    for values, (low, high) in ((severity[~subtle], config.severity),
+                                (severity[subtle], config.subtle_severity)):
+        assert values.min() >= low and values.max() <= high
+        assert stats.kstest(values, stats.uniform(low, high - low).cdf).pvalue > 0.01
+    full = signals["flair"]["oedema"] / signals["flair"]["wm"] - 1.0
+    np.testing.assert_allclose(contrast, severity * full, rtol=1e-12)
+
+
+def test_flair_contrast_model_draws_uniform_contrasts():
+    config = _lesion_config("flair_contrast")
+    signals = phantom_signal.compartment_signals(phantom_signal.TISSUES,
+                                                 phantom.default_config().sequences)
+    rng = np.random.default_rng(1)
+    draws = np.array([lesions.draw_severity(rng, signals, "ms", config) for _ in range(2000)])
+    low, high = config.flair_contrast
+    assert stats.kstest(draws[:, 1], stats.uniform(low, high - low).cdf).pvalue > 0.01
+    flair = signals["flair"]
+    mixed = draws[:, 0] * flair["ms"] + (1.0 - draws[:, 0]) * flair["wm"]
+    np.testing.assert_allclose(mixed / flair["wm"] - 1.0, draws[:, 1], rtol=1e-9)
+
+
+def test_subtle_single_lesions_are_spread_evenly_over_subjects():
+    fraction = phantom.default_config().lesions.subtle_fraction
+    flags = np.array([lesions.is_subtle_subject(i, fraction) for i in range(1000)])
+    assert flags.mean() == pytest.approx(fraction, abs=0.005)
+    for start in range(0, 990):  # any ten consecutive subjects: 1 or 2 subtle ones
+        assert abs(flags[start:start + 10].sum() - 10 * fraction) < 1.0
+
+
+def test_generated_lesions_follow_the_configured_distributions(template):
+    """Tiny-size draws: radii, severities, counts in range; volumes match the radii."""
+    config = phantom_configs.get_config("tiny")
+    lc = config.lesions
+    voxel_ml = template.voxel_size_mm**3 / 1000.0
+    for index in range(3):
+        tumour = phantom.make_subject(template, config, index, "tumour", seed=3)
+        info = tumour["info"]["lesion"]
+        low, high = lc.tumour.radius_vox
+        assert low <= info["radius_vox"] <= high
+        sphere_ml = 4.0 / 3.0 * np.pi * info["radius_vox"] ** 3 * voxel_ml
+        # Roughened ellipsoid (radii x 0.75-1.25), oedema only in white matter.
+        assert 0.15 * sphere_ml < tumour["info"]["lesion_volume_ml"] < 2.0 * sphere_ml
+        subtle = lesions.is_subtle_subject(index, lc.subtle_fraction)
+        assert (lc.subtle_severity if subtle else lc.severity)[0] <= info["severity"][0] <= (
+            lc.subtle_severity if subtle else lc.severity)[1]
+        assert 0.0 < info["core_share"] < 0.7
+        ms = phantom.make_subject(template, config, index, "ms", seed=3)["info"]["lesion"]
+        assert lc.ms.count[0] <= ms["count"] <= lc.ms.count[1] == 35
+        assert len(ms["severity"]) == ms["count"]
+        assert all(lc.subtle_severity[0] <= s <= lc.severity[1] for s in ms["severity"])
+
+
+def test_default_lesion_volumes_sit_in_the_published_bands(template):
+    """The median lesion volume of a few default subjects per kind against the anchors."""
+    config = phantom_configs.get_config("default")
+    for kind, anchor in phantom_reference.ANCHORS.items():
+        volumes = [phantom.make_subject(template, config, 60 + i, kind, seed=0)[
+            "info"]["lesion_volume_ml"] for i in range(6)]
+        low, high = anchor["volume_ml"]["median"]
+        assert low <= np.median(volumes) <= high, (kind, volumes)
+
+
+def test_subtle_variant_keeps_generator_one_lesion_draws():
+    subtle = phantom_configs.get_config("subtle")
+    assert subtle.lesions.contrast_model == "flair_contrast"
+    assert tuple(subtle.lesions.flair_contrast) == (0.1, 1.0)
+    assert tuple(subtle.lesions.tumour.radius_vox) == (4.0, 14.0)
+    assert tuple(subtle.healthy.spot_count) == (0, 6) and subtle.healthy.flow_probability == 0.7
+    default = phantom_configs.get_config("default")
+    assert default.lesions.contrast_model == "relaxometry"  # the hard variant is an option
+    assert phantom_configs.get_config("subtle,tiny").splits.train == 2
+
+
+def test_individual_anatomy_is_sharper_and_thinner_than_the_average(template):
+    """One healthy subject's morphometry against the template and the published anchors."""
+    config = phantom_configs.get_config("tiny")
+    subject = phantom.make_subject(template, config, 0, schema.HEALTHY, seed=0,
+                                   with_anatomy=True)
+    a = subject["anatomy"]
+    measured = phantom_anatomy.morphometry(a, a["depth"], a["ventricle_distance"],
+                                           subject["brainmask"] > 0, template.voxel_size_mm)
+    average = phantom_anatomy.morphometry(
+        {"gm": template.gm, "wm": template.wm, "csf": template.csf}, template.depth,
+        template.ventricle_distance, template.brainmask, template.voxel_size_mm)
+    anchors = phantom_reference.ANATOMY_ANCHORS
+    for key in ("thickness_mm", "csf_fraction", "ventricle_ml"):
+        low, high = anchors[key]["target"]
+        assert low <= measured[key] <= high, (key, measured[key])
+    low, high = anchors["gm_wm_edge_mm"]["target_voxels"]
+    assert low <= measured["gm_wm_edge_mm"] / template.voxel_size_mm <= high
+    assert average["gm_wm_edge_mm"] > 1.5 * measured["gm_wm_edge_mm"]
+    assert average["thickness_mm"] > measured["thickness_mm"] + 0.8
+    assert measured["csf_fraction"] > average["csf_fraction"]
+
+
+def test_morphometry_of_a_known_slab():
+    """A flat 3-voxel GM slab between WM and CSF: thickness 3 voxels, no partial volume."""
+    shape = (40, 40, 40)
+    depth = np.zeros(shape, np.float32)  # all within the cortical band
+    gm, wm, csf = (np.zeros(shape, np.float32) for _ in range(3))
+    csf[..., 30:] = 1.0
+    gm[..., 27:30] = 1.0
+    wm[..., :27] = 1.0
+    brain = np.ones(shape, bool)
+    far = np.full(shape, 50.0, np.float32)
+    m = phantom_anatomy.morphometry({"gm": gm, "wm": wm, "csf": csf}, depth, far, brain, 2.0)
+    assert m["thickness_mm"] == pytest.approx(6.0, rel=0.06)
+    assert m["pure_voxels"] == 1.0 and m["csf_fraction"] == pytest.approx(10 / 40)
+    assert m["gm_wm_edge_mm"] == 0.0
+
+
+def test_one_mm_variant_keeps_sizes_in_millimetres():
+    one = phantom_configs.get_config("1mm,tiny")
+    two = phantom_configs.get_config("tiny")
+    assert one.template == "1mm" and two.template == "2mm"
+    assert tuple(one.lesions.tumour.radius_vox) == tuple(2 * r for r in two.lesions.tumour.radius_vox)
+    assert one.anatomy.displacement_std_vox == 2 * two.anatomy.displacement_std_vox
+    template = load_template("1mm")
+    assert template.shape == (160, 200, 168) and template.voxel_size_mm == 1.0
+    assert template.t2 is None  # no 1 mm T2 template exists
+    two_mm = load_template()
+    ventricles = [(t.ventricle_distance < 0.5).sum() * t.voxel_size_mm**3 / 1000 for t in (template, two_mm)]
+    assert ventricles[0] == pytest.approx(ventricles[1], rel=0.15)

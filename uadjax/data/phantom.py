@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
         "train": 48, "val_healthy": 8, "val_lesion_per_kind": 4, "test_lesion_per_kind": 10,
         "test_healthy": 8})
     config.kinds = schema.PHANTOM_LESION_KINDS
+    # The vendored template grid: '2mm' or '1mm' (`phantom_template.ASSET_FILES`). Sizes
+    # named *_vox are in voxels of this grid (configs/phantom.py:1mm doubles them).
+    config.template = "2mm"
     # 1.5 T protocol (ms). FLAIR ti = 0: null nominal CSF.
     config.sequences = ml_collections.ConfigDict({
         "t1": {"kind": "se", "tr": 500.0, "te": 15.0},
@@ -83,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
         "cortex": {
             "band_vox": 7.0,  # the cortical band: within 7 voxels of the surface, fading out
             "sulcal_csf_gain": (2.0, 4.0),
-            "thickness_log_shift": (0.4, 1.0),
+            "thickness_log_shift": (0.6, 1.2),
             "sharpness": (3.0, 5.0),
         },
         "tissue_relative_std": 0.05,  # log-normal jitter of T1, T2 per subject and tissue
@@ -140,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
             "core_type_p": (0.4, 0.4, 0.2),  # solid, necrotic, cystic
             "mass_effect": (0.1, 0.45),
             "irregularity": 0.2,  # smooth-noise roughening, x radius
-            "oedema_edge": (0.75, 1.0),  # oedema severity at its outer edge / at the core
+            "oedema_edge": (0.65, 1.0),  # oedema severity at its outer edge / at the core
             "oedema_heterogeneity": 0.2,
             "solid_severity": (0.8, 1.0),
         },
@@ -154,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
         "stroke": {
             "depth_fraction": (0.2, 0.55),  # wedge depth / distance cortex-ventricles
             "half_angle_deg": (10.0, 22.0),
-            "irregularity": 2.5,  # voxels of smooth-noise roughening
+            "irregularity_vox": 2.5,  # smooth-noise roughening
             "chronic_probability": 0.5,
             "rim_width_vox": (0.8, 1.8),  # gliotic rim of chronic infarcts
         },
@@ -431,7 +434,7 @@ def generate_dataset(
         raise FileExistsError(
             f"{out_dir}: exists with a different phantom config/seed or other content; "
             "pass overwrite=True (--overwrite) to replace it")
-    template = template if template is not None else load_template()
+    template = template if template is not None else load_template(config.get("template"))
     if workers is None:
         parallel = len(plan_subjects(config)) >= PARALLEL_MIN_SUBJECTS
         workers = min(AUTO_WORKERS, os.cpu_count() or 1) if parallel else 1

@@ -278,3 +278,54 @@ def csf_flow_pattern(
     patches = np.clip(noise - config.flow_threshold, 0.0, 1.0)
     inside = np.clip(1.0 - maps["ventricle_distance"], 0.0, 1.0)
     return (patches * inside).astype(np.float32), float(strength), shift, float(ghost)
+
+
+def morphometry(
+    fractions: Mapping[str, np.ndarray], depth: np.ndarray, ventricle_distance: np.ndarray,
+    brainmask: np.ndarray, voxel_mm: float,
+) -> dict[str, float]:
+    """Measures one subject's healthy anatomy, for comparison with published morphometry.
+
+    Args:
+      fractions: {gm, wm, csf} [D, H, W] float32 tissue fractions.
+      depth, ventricle_distance: [D, H, W] float32 distances (voxels) to the outside of the
+        brain and to the lateral ventricles.
+      brainmask: [D, H, W] bool.
+      voxel_mm: isotropic voxel size.
+
+    Returns:
+      csf_fraction: CSF / all tissue inside the brain mask;
+      ventricle_ml: CSF inside the lateral and third ventricles;
+      gm_wm_edge_mm: width of the GM/WM transition, 10-90 % (0.8 / the median gradient of
+        the WM fraction where it crosses 0.35-0.65 between GM and WM);
+      thickness_mm: mean cortical thickness, 2 V / (A_white + A_pial), with V the GM
+        volume and A the areas of the WM = 0.5 and GM + WM = 0.5 surfaces
+        (`skimage.measure.marching_cubes`), all within 16 mm of the brain surface;
+      pure_voxels: share of brain voxels with one tissue above 0.9.
+    """
+    from skimage import measure  # only needed for measuring
+
+    gm, wm, csf = (np.asarray(fractions[n], np.float32) for n in ("gm", "wm", "csf"))
+    tissue = gm + wm + csf
+    voxel_ml = voxel_mm**3 / 1000.0
+    gradient = np.linalg.norm(np.stack(np.gradient(wm)), axis=0)
+    edge = (wm > 0.35) & (wm < 0.65) & (gm + wm > 0.9)
+    band = (depth * voxel_mm <= 16.0) & (ventricle_distance * voxel_mm > 6.0)
+
+    def area(volume: np.ndarray) -> float:
+        """Area (mm2) of the 0.5 isosurface of `volume` inside the band (no cut faces)."""
+        verts, faces, _, _ = measure.marching_cubes(np.array(volume, np.float32), 0.5)
+        centre = np.rint(verts[faces].mean(axis=1)).astype(int)
+        keep = band[tuple(np.clip(centre, 0, np.asarray(band.shape) - 1).T)]
+        return float(measure.mesh_surface_area(verts * voxel_mm, faces[keep]))
+
+    cortex_mm3 = float((gm * band).sum()) * voxel_mm**3
+    return {
+        "csf_fraction": float(csf[brainmask].sum() / tissue[brainmask].sum()),
+        "ventricle_ml": float((csf * (ventricle_distance < 0.5)).sum() * voxel_ml),
+        # A binary (partial-volume free) boundary has no transition voxels: width 0.
+        "gm_wm_edge_mm": (float(0.8 / np.median(gradient[edge]) * voxel_mm) if edge.any()
+                          else 0.0),
+        "thickness_mm": 2.0 * cortex_mm3 / (area(wm) + area(wm + gm)),
+        "pure_voxels": float((np.maximum(np.maximum(gm, wm), csf)[brainmask] > 0.9).mean()),
+    }

@@ -58,18 +58,15 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, what: str) -> np.nda
     return candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
 
 
-GOLDEN = 0.6180339887498949
-
-
 def is_subtle_subject(index: int, fraction: float) -> bool:
     """Whether subject `index`'s single lesion is a subtle one.
 
-    A low-discrepancy assignment (index x golden ratio, mod 1, below `fraction`) instead
-    of a coin flip: any run of consecutive subjects (a split) holds the configured share
-    of subtle lesions to within one subject, so a test set of ten tumours cannot draw three
-    subtle ones by chance and move the benchmark's figures.
+    An evenly spread assignment instead of a coin flip: subject i is subtle when
+    floor((i + 1) f + 1/2) > floor(i f + 1/2), so any run of n consecutive subjects (a
+    split) holds floor(n f) or ceil(n f) subtle lesions. A test set of ten tumours cannot
+    draw three subtle ones by chance and move the benchmark's figures.
     """
-    return (index * GOLDEN) % 1.0 < fraction
+    return int(np.floor((index + 1) * fraction + 0.5)) > int(np.floor(index * fraction + 0.5))
 
 
 def draw_severity(
@@ -345,7 +342,7 @@ def make_stroke(
         perp * np.cos(half_angle) - along * np.sin(half_angle),
         along_min - along,
         along - along_max,
-    ]) + config.irregularity * geometry.smooth_field(rng, rel.shape[1:], (10, 10, 10))
+    ]) + config.irregularity_vox * geometry.smooth_field(rng, rel.shape[1:], (10, 10, 10))
     wedge = geometry.soft_fraction(sd)
     parenchyma = maps["gm"][slices] + maps["wm"][slices]
     local_fraction = wedge * parenchyma
