@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage, stats
 
+from configs import common as common_configs
 from configs import phantom as phantom_configs
 from data_prep import phantom as phantom_cli
 from uadjax.data import phantom, phantom_anatomy, phantom_reference, phantom_signal, schema
@@ -305,15 +305,17 @@ def test_phantom_of_another_generator_version_is_never_reused(tmp_path, monkeypa
     assert phantom.is_stale_cache(out, config, 0)
     with pytest.raises(FileExistsError):  # not returned as cached, not silently replaced
         phantom.generate_dataset(out, config, seed=0, progress=False)
-    # The jobs own their cache folder: they regenerate it.
+    # The jobs own their cache folder: every job that reads the phantom (through the
+    # shards) regenerates a stale one, even when its manifest and shards exist.
     monkeypatch.setattr(phantom_configs, "get_config", lambda variant=None: config)
-    run = ml_collections.ConfigDict({"data": {"dataset_dir": "", "phantom_dir": str(tmp_path),
-                                              "phantom_variant": "micro", "phantom_seed": 0}})
-    (tmp_path / "micro-seed0").mkdir()
-    (tmp_path / "micro-seed0" / "manifest.json").write_text(json.dumps(old))
-    jobs.ensure_phantom(run, progress=False)
-    fresh = json.loads((tmp_path / "micro-seed0" / "manifest.json").read_text())
-    assert fresh["generator"] == phantom.GENERATOR_VERSION
+    run = common_configs.base_config("tiny")
+    run.data.update({"phantom_dir": str(tmp_path), "phantom_variant": "micro",
+                     "data_dir": str(tmp_path / "shards")})
+    jobs.ensure_shards(run, progress=False)
+    cached = tmp_path / "micro-seed0" / "manifest.json"
+    cached.write_text(json.dumps(dict(json.loads(cached.read_text()), generator=1)))
+    jobs.ensure_shards(run, progress=False)
+    assert json.loads(cached.read_text())["generator"] == phantom.GENERATOR_VERSION
 
 
 def _lesion_config(model="relaxometry"):

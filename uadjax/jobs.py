@@ -70,7 +70,9 @@ def ensure_shards(config, *, progress: bool = True) -> dict:
 
 def _ensure_shards(config, *, progress: bool) -> dict:
     source = dataset_dir(config).resolve()
-    if not (source / "manifest.json").is_file():
+    if not config.data.dataset_dir or not (source / "manifest.json").is_file():
+        # The built-in phantom is checked every time: a cached one made with another
+        # config, seed or generator version is regenerated (the shards follow its mtime).
         ensure_phantom(config, progress=progress)
     try:
         index = builder.load_volumes_index(config.data.data_dir, config.data)

@@ -130,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
         # follows from the compartment's relaxation times; 'flair_contrast': s set so that
         # the FLAIR contrast over WM is uniform in `flair_contrast` (generator 1: `subtle`).
         "contrast_model": "relaxometry",
-        "severity": (0.8, 1.0),
+        "severity": (0.85, 1.0),
         "subtle_fraction": 0.15,
         "subtle_severity": (0.35, 0.65),
         "flair_contrast": (0.1, 1.0),
@@ -143,8 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
             "core_type_p": (0.4, 0.4, 0.2),  # solid, necrotic, cystic
             "mass_effect": (0.1, 0.45),
             "irregularity": 0.2,  # smooth-noise roughening, x radius
-            "oedema_edge": (0.65, 1.0),  # oedema severity at its outer edge / at the core
-            "oedema_heterogeneity": 0.2,
+            "oedema_edge": (0.85, 1.0),  # oedema severity at its outer edge / at the core
+            "oedema_heterogeneity": 0.15,
             "solid_severity": (0.8, 1.0),
         },
         "ms": {
