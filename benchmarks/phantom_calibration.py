@@ -232,6 +232,37 @@ def print_anatomy_table(anatomy: dict) -> None:
               f"({min(values):.3f}-{max(values):.3f}) | {text} |")
 
 
+def save_examples(folder: pathlib.Path, manifest: dict, path: str) -> None:
+    """One test subject per kind (rows) in T1, T2, PD and FLAIR (columns), label in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = {}
+    for entry in manifest["subjects"]:
+        if entry["split"] in (schema.TEST_LESION, schema.TEST_HEALTHY):
+            picks.setdefault(entry["kind"], entry)
+    fig, axes = plt.subplots(len(picks), 4, figsize=(10, 2.7 * len(picks)), squeeze=False)
+    for row, (kind, entry) in enumerate(picks.items()):
+        seg = nifti.load_label(folder / entry["files"]["seg"]).data > 0
+        z = int(np.argmax(seg.sum(axis=(0, 1)))) if seg.any() else seg.shape[2] // 2 + 5
+        for col, modality in enumerate(phantom_signal.MODALITIES):
+            image = nifti.load_nifti(folder / entry["files"][modality]).data[:, :, z]
+            ax = axes[row, col]
+            ax.imshow(image.T, cmap="gray", origin="lower",
+                      vmax=float(np.percentile(image[image > 0], 99.5)))
+            if seg[:, :, z].any():
+                ax.contour(seg[:, :, z].T, [0.5], colors="r", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{entry['id']} {kind}: {modality}" if col == 0 else modality,
+                         fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="default", help="configs/phantom.py variant")
@@ -240,6 +271,8 @@ def main(argv=None) -> dict:
                         help="evaluation grids: 'native' (the phantom's own grid), '3' (cpu)")
     parser.add_argument("--modalities", default="flair,t2")
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument("--examples", default="",
+                        help="also save a PNG of one test subject per kind in every modality")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -261,6 +294,8 @@ def main(argv=None) -> dict:
                     "per_volume_dice": entry["oracle"]["per_volume"]["dice"]["mean"],
                 })
     print_threshold_table(rows)
+    if args.examples:
+        save_examples(folder, manifest, args.examples)
     stats = lesion_statistics(folder, manifest)
     print_lesion_table(stats)
     print_compartment_table(phantom_configs.get_config(args.variant))

@@ -38,9 +38,11 @@ def ensure_phantom(config, *, overwrite: bool = False, progress: bool = True) ->
     phantom_config = phantom_configs.get_config(config.data.phantom_variant)
     overwrite = overwrite or phantom.is_stale_cache(out, phantom_config,
                                                     config.data.phantom_seed)
+    generated = overwrite or not (out / "manifest.json").is_file()
     phantom.generate_dataset(out, phantom_config, seed=config.data.phantom_seed,
                              progress=progress, overwrite=overwrite)
-    print(f"phantom: {out} ({time.perf_counter() - start:.1f} s)")
+    if generated:
+        print(f"phantom: {out} ({time.perf_counter() - start:.1f} s)")
     return out
 
 
