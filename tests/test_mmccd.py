@@ -311,18 +311,21 @@ def test_short_training_closes_the_cycle(tiny_data):
     method = get_method("mmccd")
     # MMCCD: the diffusion f learns slowly (at most t, y_t holds little of y, so f must
     # in-paint and translate from the masked x alone), so 200 steps get it only part of the way
-    # (jax 0.10.2: cycle error 0.082 untrained -> 0.074; best constant 0.050).
+    # (jax 0.10.2, phantom generator 2: cycle error 0.078 untrained -> 0.064; best constant
+    # 0.071).
     (f0, f1), (g0, g1) = (_train(s, config, batches, 200) for s in method.stages)
     untrained = cyclic_error(config, f0, g0)  # zero-initialised last convs: x_hat = 0.5
     trained = cyclic_error(config, f1, g1)
     print("cycle error: untrained", untrained, "best constant", best_constant, "MMCCD", trained)
     assert untrained > best_constant > 0.01
     assert trained < 0.95 * untrained, (trained, untrained, best_constant)
-    # The Cyclic UNet (f a plain UNet) with the same g: 60 steps suffice.
+    # The Cyclic UNet (f a plain UNet) with the same g: 60 steps suffice (phantom generator
+    # 2, whose single-subject anatomy has more detail than the template average: 0.040
+    # against 0.078 untrained and a best constant of 0.071).
     cyclic = mmccd_configs.get_config("tiny,cyclic")
     cyclic.train.learning_rate = 3e-3
     _, f_cyclic = _train(method.stage("forward"), cyclic, batches, 60)
     trained = cyclic_error(cyclic, f_cyclic, g1)
     print("Cyclic UNet", trained)
-    assert trained < 0.5 * untrained and trained < 0.8 * best_constant, (
+    assert trained < 0.6 * untrained and trained < 0.65 * best_constant, (
         trained, untrained, best_constant)
