@@ -102,6 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
             "csf_growth_sigma_vox": 1.0,
         },
     })
+    # Normal FLAIR-bright structures and acquisition: prevalence and levels from the sources
+    # of docs/phantom.md, section 4.
     config.healthy = ml_collections.ConfigDict({
         "rim_probability": 0.85,
         "rim_flair_contrast": (0.15, 0.9),  # periventricular rims/caps, over WM

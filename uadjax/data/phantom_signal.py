@@ -26,9 +26,12 @@ class TissueParameters(NamedTuple):
     pd: float
 
 
-# 1.5 T values.
-# csf, gm, wm and ms: the BrainWeb simulator's tissue parameters (Kwan, Evans & Pike,
-#   IEEE TMI 18(11):1085-1097, 1999; Cocosco et al., NeuroImage 5(4):S425, 1997).
+# 1.5 T values (docs/phantom.md, section 3).
+# gm, wm, ms, and CSF's T2 and PD: the BrainWeb simulator's tissue parameters (Kwan, Evans &
+#   Pike, IEEE TMI 18(11):1085-1097, 1999; Cocosco et al., NeuroImage 5(4):S425, 1997).
+# CSF T1: 4200 ms, the in-vivo value of the Gach et al. 2008 MRI phantom standard (BrainWeb's
+#   2569 ms gave FLAIR a CSF-nulling TI of 1780 ms, shorter than clinical 1.5 T protocols'
+#   2200-2500 ms, which darkened every long-T1 lesion on FLAIR).
 # The other compartments are approximate values, not from one source: chosen inside the
 #   ranges reported at 1.5 T for each tissue, ordered by water content between WM and CSF
 #   (vasogenic oedema and necrosis lengthen T1 and T2; cysts and chronic infarct cavities
