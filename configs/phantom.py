@@ -4,7 +4,8 @@
            (tumour, ms, stroke), 8 healthy test: 106 subjects; lesion statistics calibrated
            to published data (docs/phantom.md)
   subtle   the same subjects with the lesion statistics of generator 1: every lesion
-           diluted to a FLAIR contrast over WM drawn uniformly in [0.1, 1.0], smaller
+           diluted to a FLAIR contrast drawn uniformly (generator 1's range, moved up by
+           the change in grey matter's FLAIR contrast: 0.27-1.17 over WM), smaller
            tumours, fewer MS lesions, and generator 1's more frequent FLAIR flow
            artefacts, white-matter spots and stronger bias fields. Much harder than the
            real datasets (docs/phantom.md gives its threshold figures): for studies of
@@ -29,10 +30,14 @@ from uadjax.data import phantom
 VARIANTS = ("default", "subtle", "1mm", "tiny")
 
 # Generator 1's lesion and confounder settings (before the calibration of docs/phantom.md).
+# Generator 1 drew FLAIR contrasts over WM uniformly in [0.1, 1.0] when GM stood at +0.16
+# over WM on FLAIR; with generator 2's relaxometry GM stands at +0.33, so the range moves up
+# by the difference: the lesions stand as far above grey matter as they did, and the
+# FLAIR threshold lands where generator 1's did (docs/phantom.md).
 SUBTLE = {
     "lesions": {
         "contrast_model": "flair_contrast",
-        "flair_contrast": (0.1, 1.0),
+        "flair_contrast": (0.27, 1.17),
         "tumour": {"radius_vox": (4.0, 14.0), "core_ratio": (0.3, 0.8),
                    "oedema_edge": (0.3, 0.8), "oedema_heterogeneity": 0.3,
                    "solid_severity": (0.5, 1.0)},

@@ -400,7 +400,11 @@ def test_default_lesion_volumes_sit_in_the_published_bands(template):
 def test_subtle_variant_keeps_generator_one_lesion_draws():
     subtle = phantom_configs.get_config("subtle")
     assert subtle.lesions.contrast_model == "flair_contrast"
-    assert tuple(subtle.lesions.flair_contrast) == (0.1, 1.0)
+    low, high = subtle.lesions.flair_contrast  # generator 1's [0.1, 1.0] above GM
+    signals = phantom_signal.compartment_signals(phantom_signal.TISSUES, subtle.sequences)
+    gm_contrast = signals["flair"]["gm"] / signals["flair"]["wm"] - 1.0
+    assert (low, high) == pytest.approx((0.1 + gm_contrast - 0.16, 1.0 + gm_contrast - 0.16),
+                                        abs=0.01)
     assert tuple(subtle.lesions.tumour.radius_vox) == (4.0, 14.0)
     assert tuple(subtle.healthy.spot_count) == (0, 6) and subtle.healthy.flow_probability == 0.7
     default = phantom_configs.get_config("default")
