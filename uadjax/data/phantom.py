@@ -230,7 +230,7 @@ def make_subject(
     maps, atrophic = anatomy.apply_atrophy(maps, rng_anatomy, a.atrophy)
     maps.update(anatomy.tissue_fractions(maps))
     if a.get("cortex") is not None:
-        maps.update(anatomy.individual_cortex(maps, maps, rng_anatomy, a.cortex))
+        maps.update(anatomy.individual_cortex(maps, rng_anatomy, a.cortex))
     tumour_plan = None
     if kind == "tumour":
         tumour_plan = lesions.plan_tumour(maps, rng_lesion, config.lesions.tumour)

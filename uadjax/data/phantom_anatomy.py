@@ -148,8 +148,7 @@ def cortical_band(maps: Mapping[str, np.ndarray], band_vox: float) -> np.ndarray
 
 
 def individual_cortex(
-    fractions: Mapping[str, np.ndarray], maps: Mapping[str, np.ndarray],
-    rng: np.random.Generator, config,
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config
 ) -> dict[str, np.ndarray]:
     """One subject's cortex from the population-average tissue maps.
 
@@ -165,8 +164,8 @@ def individual_cortex(
          as in one subject's scan, instead of the average's several voxels.
 
     Args:
-      fractions: {gm, wm, csf} [D, H, W] float32 (`tissue_fractions`).
-      maps: the warped maps (depth, ventricle_distance).
+      maps: the warped maps: gm, wm, csf fractions (`tissue_fractions`), depth and
+        ventricle_distance [D, H, W].
       rng: the subject's anatomy generator (always three draws).
       config: `anatomy.cortex` of the phantom config.
 
@@ -177,7 +176,7 @@ def individual_cortex(
     shift = rng.uniform(*config.thickness_log_shift)
     sharpness = rng.uniform(*config.sharpness)
     band = cortical_band(maps, config.band_vox)
-    gm, wm, csf = (np.asarray(fractions[n], np.float32) for n in ("gm", "wm", "csf"))
+    gm, wm, csf = (np.asarray(maps[n], np.float32) for n in ("gm", "wm", "csf"))
     total = gm + wm + csf
     csf = csf * (1.0 + np.float32(gain - 1.0) * band)
     wm = wm * np.exp(np.float32(shift) * band)
@@ -305,7 +304,7 @@ def morphometry(
     """
     from skimage import measure  # only needed for measuring
 
-    gm, wm, csf = (np.asarray(fractions[n], np.float32) for n in ("gm", "wm", "csf"))
+    gm, wm, csf = (np.asarray(maps[n], np.float32) for n in ("gm", "wm", "csf"))
     tissue = gm + wm + csf
     voxel_ml = voxel_mm**3 / 1000.0
     gradient = np.linalg.norm(np.stack(np.gradient(wm)), axis=0)
