@@ -304,7 +304,7 @@ def morphometry(
     """
     from skimage import measure  # only needed for measuring
 
-    gm, wm, csf = (np.asarray(maps[n], np.float32) for n in ("gm", "wm", "csf"))
+    gm, wm, csf = (np.asarray(fractions[n], np.float32) for n in ("gm", "wm", "csf"))
     tissue = gm + wm + csf
     voxel_ml = voxel_mm**3 / 1000.0
     gradient = np.linalg.norm(np.stack(np.gradient(wm)), axis=0)
