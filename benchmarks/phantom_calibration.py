@@ -40,9 +40,11 @@ from configs import common as common_configs
 from configs import data as data_configs
 from configs import phantom as phantom_configs
 from uadjax import evaluate
-from uadjax.data import nifti, phantom, phantom_anatomy, phantom_signal, preprocess, schema
+from uadjax.data import nifti, phantom, phantom_anatomy, phantom_lesions, phantom_regions
+from uadjax.data import phantom_signal, preprocess, schema
 from uadjax.data.phantom_reference import (ANATOMY_ANCHORS, ANCHORS, FISCHL_2000,
-                                           ICBM_CONTRAST, THRESHOLD_TARGETS)
+                                           ICBM_CONTRAST, LOCATION_ANCHORS,
+                                           THRESHOLD_TARGETS)
 from uadjax.data.phantom_template import load_template
 from uadjax.inference.scoring import ScoredVolume
 
@@ -128,6 +130,9 @@ def lesion_statistics(folder: pathlib.Path, manifest: dict) -> dict:
         if "core_share" in info:
             s["core_share"].append(info["core_share"])
         s["count"].append(int(count))
+        s.setdefault("sites", {})
+        for site, n in (info.get("sites") or {info.get("site", "?"): 1}).items():
+            s["sites"][site] = s["sites"].get(site, 0) + n
         s["lesion_ml"].extend(float(v) for v in sizes)
         healthy = brain & ~ndimage.binary_dilation(seg, iterations=2)
         for modality in phantom_signal.MODALITIES:
@@ -176,6 +181,22 @@ def print_lesion_table(stats: dict) -> None:
         cells = [f"{np.median(s['percentile'][m]):.0f} ({np.min(s['percentile'][m]):.0f}-"
                  f"{np.max(s['percentile'][m]):.0f})" for m in phantom_signal.MODALITIES]
         print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def print_location_table(stats: dict, config) -> None:
+    """Drawn lesion sites (val + test subjects) against the configured published prior."""
+    print("\n## Lesion location: share of lesions per site, phantom (n) against the prior\n")
+    print("| kind | site | phantom | prior | source |")
+    print("|---|---|---|---|---|")
+    for kind, s in stats.items():
+        anchor = LOCATION_ANCHORS[kind]
+        names, prior = phantom_lesions.normalised(config.lesions[kind][anchor["config"]])
+        total = max(sum(s.get("sites", {}).values()), 1)
+        for i, (name, p) in enumerate(zip(names, prior)):
+            n = s.get("sites", {}).get(name, 0)
+            source = f"{anchor['text']} ({anchor['status']})" if i == 0 else ""
+            print(f"| {kind} | {name} | {100 * n / total:.0f} % ({n}) | {100 * p:.1f} % | "
+                  f"{source} |")
 
 
 def print_compartment_table(config) -> None:
@@ -232,6 +253,57 @@ def print_anatomy_table(anatomy: dict) -> None:
               f"({min(values):.3f}-{max(values):.3f}) | {text} |")
 
 
+def region_volumes(template) -> dict:
+    """Parenchyma volume (ml) of each region and territory of the template itself, and the
+    label maps {'region', 'territory'} [D, H, W]."""
+    coords = np.indices(template.shape).astype(np.float32)
+    labels = phantom_regions.subject_regions(coords, template.affine, template.brainmask)
+    parenchyma = (template.gm + template.wm) * template.brainmask
+    voxel_ml = template.voxel_size_mm**3 / 1000.0
+    out = {}
+    for key, names in (("region", phantom_regions.REGIONS),
+                       ("territory", phantom_regions.TERRITORIES)):
+        out[key] = {name: round(float(parenchyma[labels[key] == i].sum()) * voxel_ml, 1)
+                    for i, name in enumerate(names) if i}
+    return out, labels
+
+
+def save_regions(template, labels: dict, path: str) -> None:
+    """Axial and sagittal views of the lobe and territory partition on the T1 template."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    def index(mm, axis):
+        return int(round((mm - template.affine[axis, 3]) / template.affine[axis, axis]))
+
+    views = [("region", 2, z, f"lobes, axial z = {z} mm") for z in (-25, -5, 15, 45)]
+    views += [("region", 0, x, f"lobes, sagittal x = {x} mm") for x in (-45, -8)]
+    views += [("territory", 0, x, f"territories, sagittal x = {x} mm") for x in (-45, -8)]
+    background = template.t1 if template.t1 is not None else template.gm + 2 * template.wm
+    fig, axes = plt.subplots(2, 4, figsize=(14, 7))
+    for ax, (key, axis, mm, title) in zip(axes.ravel(), views):
+        k = index(mm, axis)
+        take = (lambda v: v[:, :, k]) if axis == 2 else (lambda v: v[k])
+        ax.imshow(take(background).T, cmap="gray", origin="lower")
+        ax.imshow(np.ma.masked_equal(take(labels[key]).T, 0), cmap="tab10", vmin=0, vmax=9,
+                  alpha=0.45, origin="lower", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    colours = plt.get_cmap("tab10")
+    for names, y, what in ((phantom_regions.REGIONS, 0.51, "lobes"),
+                           (phantom_regions.TERRITORIES, 0.01, "territories")):
+        handles = [Patch(color=colours(i), alpha=0.6, label=n)
+                   for i, n in enumerate(names) if i]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+                   bbox_to_anchor=(0.5, y), title=what, title_fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=4.0)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def save_examples(folder: pathlib.Path, manifest: dict, path: str) -> None:
     """One test subject per kind (rows) in T1, T2, PD and FLAIR (columns), label in red."""
     import matplotlib
@@ -271,6 +343,8 @@ def main(argv=None) -> dict:
                         help="evaluation grids: 'native' (the phantom's own grid), '3' (cpu)")
     parser.add_argument("--modalities", default="flair,t2")
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument("--regions", default="",
+                        help="also save a PNG of the lobe / territory partition")
     parser.add_argument("--examples", default="",
                         help="also save a PNG of one test subject per kind in every modality")
     args = parser.parse_args(argv)
@@ -298,12 +372,20 @@ def main(argv=None) -> dict:
         save_examples(folder, manifest, args.examples)
     stats = lesion_statistics(folder, manifest)
     print_lesion_table(stats)
+    config = phantom_configs.get_config(args.variant)
+    print_location_table(stats, config)
+    volumes, labels = region_volumes(load_template(config.template))
+    print("\nParenchyma volume of the partition on the template (ml): "
+          + ", ".join(f"{k} {v:g}" for k, v in {**volumes["region"],
+                                                **volumes["territory"]}.items()))
+    if args.regions:
+        save_regions(load_template(config.template), labels, args.regions)
     print_compartment_table(phantom_configs.get_config(args.variant))
     anatomy = anatomy_statistics(args.variant, args.seed, manifest)
     print_anatomy_table(anatomy)
     print(f"\n{time.perf_counter() - start:.1f} s in all")
     out = {"variant": args.variant, "seed": args.seed, "generator": manifest.get("generator"),
-           "threshold": rows, "lesions": stats, "anatomy": anatomy}
+           "threshold": rows, "lesions": stats, "anatomy": anatomy, "regions": volumes}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     return out

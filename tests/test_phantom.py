@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from scipy import ndimage, stats
 from configs import common as common_configs
 from configs import phantom as phantom_configs
 from data_prep import phantom as phantom_cli
-from uadjax.data import phantom, phantom_anatomy, phantom_reference, phantom_signal, schema
+from uadjax.data import phantom, phantom_anatomy, phantom_reference, phantom_regions
+from uadjax.data import phantom_signal, schema
 from uadjax.data import phantom_lesions as lesions
 from uadjax.data.phantom_template import load_template
 
@@ -388,11 +390,12 @@ def test_generated_lesions_follow_the_configured_distributions(template):
 
 
 def test_default_lesion_volumes_sit_in_the_published_bands(template):
-    """The median lesion volume of a few default subjects per kind against the anchors."""
+    """The median lesion volume of ten default subjects per kind (a test split's worth)
+    against the anchors."""
     config = phantom_configs.get_config("default")
     for kind, anchor in phantom_reference.ANCHORS.items():
         volumes = [phantom.make_subject(template, config, 60 + i, kind, seed=0)[
-            "info"]["lesion_volume_ml"] for i in range(6)]
+            "info"]["lesion_volume_ml"] for i in range(10)]
         low, high = anchor["volume_ml"]["median"]
         assert low <= np.median(volumes) <= high, (kind, volumes)
 
@@ -462,3 +465,93 @@ def test_one_mm_variant_keeps_sizes_in_millimetres():
     two_mm = load_template()
     ventricles = [(t.ventricle_distance < 0.5).sum() * t.voxel_size_mm**3 / 1000 for t in (template, two_mm)]
     assert ventricles[0] == pytest.approx(ventricles[1], rel=0.15)
+
+
+def test_regions_put_textbook_landmarks_in_their_lobe_and_territory():
+    """MNI points well inside each region (x right, y anterior, z superior, mm)."""
+    points = {
+        "frontal": (20, 55, 10), "parietal": (30, -50, 50), "temporal": (-55, -20, -10),
+        "occipital": (15, -95, 5), "insula": (38, 5, 5), "deep": (-20, 2, 4),
+        "infratentorial": (20, -65, -35),
+    }
+    mm = np.array(list(points.values()), float).T
+    labels = phantom_regions.region_labels(mm)
+    assert [phantom_regions.REGIONS[i] for i in labels] == list(points)
+    assert phantom_regions.region_labels(np.array([[0.0], [-28.0], [-25.0]]))[0] == (
+        phantom_regions.REGION_ID["infratentorial"])  # the pons
+    territories = {"aca": (5, 30, 45), "mca": (-55, -20, 20), "pca": (10, -90, 0),
+                   "vertebrobasilar": (20, -65, -35)}
+    mm = np.array(list(territories.values()), float).T
+    got = phantom_regions.territory_labels(mm, phantom_regions.region_labels(mm))
+    assert [phantom_regions.TERRITORIES[i] for i in got] == list(territories)
+    thalamus = np.array([[10.0], [-18.0], [8.0]])
+    assert phantom_regions.TERRITORIES[phantom_regions.territory_labels(
+        thalamus, phantom_regions.region_labels(thalamus))[0]] == "pca"
+
+
+def test_draw_site_follows_the_prior_weights():
+    weights = phantom.default_config().lesions.tumour.location_p
+    names, p = lesions.normalised(weights)
+    rng = np.random.default_rng(0)
+    draws = [lesions.draw_site(rng, weights) for _ in range(5000)]
+    counts = np.array([draws.count(n) for n in names])
+    assert stats.chisquare(counts, 5000 * p).pvalue > 0.01
+    with pytest.raises(ValueError, match="weights"):
+        lesions.normalised({"a": 0.0})
+
+
+@pytest.fixture(scope="module")
+def subject_maps(template):
+    """The default config's maps of one healthy subject (anatomy + regions) [D, H, W]."""
+    return phantom.make_subject(template, phantom_configs.get_config("default"), 3,
+                                schema.HEALTHY, seed=0, with_anatomy=True)["anatomy"]
+
+
+def test_lesions_land_in_the_site_they_drew(subject_maps):
+    """Tumour centres in their lobe; lacunes in deep grey/white matter; territorial
+    infarcts mostly in their territory; MS lesions at their site."""
+    config = phantom.default_config()
+    lc = config.lesions
+    maps = subject_maps
+    region, territory = maps["region"], maps["territory"]
+    signals = phantom_signal.compartment_signals(phantom_signal.TISSUES, config.sequences)
+    for seed in range(12):
+        plan = lesions.plan_tumour(maps, np.random.default_rng(seed), lc.tumour)
+        at = tuple(np.round(plan.centre).astype(int))
+        assert phantom_regions.REGIONS[region[at]] in lesions.TUMOUR_SITES[plan.site]
+    for site in ("lacunar", "mca", "pca"):
+        stroke_config = ml_collections.ConfigDict(lc.stroke.to_dict())
+        stroke_config.territory_p = {site: 1.0}
+        lesion = lesions.make_stroke(maps, np.random.default_rng(1), stroke_config, signals,
+                                     lc)
+        inside = lesion.mask > 0
+        assert lesion.info["site"] == site and inside.sum() > 0
+        if site == "lacunar":
+            assert np.mean(region[inside] == phantom_regions.REGION_ID["deep"]) > 0.5
+            assert inside.sum() * 8e-3 < 4.5  # at most a 20 mm sphere (4.2 ml)
+        else:
+            assert np.mean(territory[inside] == phantom_regions.TERRITORY_ID[site]) > 0.4
+    ms_config = ml_collections.ConfigDict(lc.ms.to_dict())
+    for site in ("infratentorial", "juxtacortical"):
+        ms_config.site_p = {name: float(name == site) for name in lc.ms.site_p}
+        lesion = lesions.make_ms(maps, np.random.default_rng(2), ms_config, signals, lc)
+        assert lesion.info["sites"][site] == lesion.info["count"]
+        inside = lesion.mask > 0
+        infratentorial = region[inside] == phantom_regions.REGION_ID["infratentorial"]
+        assert infratentorial.mean() > (0.8 if site == "infratentorial" else -1.0)
+        if site == "juxtacortical":
+            assert infratentorial.mean() < 0.05
+            assert np.median(maps["gm"][inside]) > 0.1  # against the cortex
+
+
+def test_single_lesion_sites_are_spread_evenly_over_subjects():
+    """Any ten consecutive tumour subjects hold each lobe within 1.5 of its share."""
+    weights = phantom.default_config().lesions.tumour.location_p
+    names, p = lesions.normalised(weights)
+    sites = np.array([lesions.spread_site(i, weights) for i in range(1000)])
+    counts = np.array([(sites == n).sum() for n in names])
+    np.testing.assert_allclose(counts / 1000, p, atol=0.01)
+    for start in range(990):
+        window = sites[start:start + 10]
+        for name, share in zip(names, p):
+            assert abs((window == name).sum() - 10 * share) <= 1.5, (start, name)

@@ -33,6 +33,7 @@ import numpy as np
 from uadjax.data import phantom_anatomy as anatomy
 from uadjax.data import phantom_geometry as geometry
 from uadjax.data import phantom_lesions as lesions
+from uadjax.data import phantom_regions as regions
 from uadjax.data import phantom_signal as signal
 from uadjax.data import schema
 from uadjax.data.phantom_template import Template, load_template
@@ -44,7 +45,8 @@ MANIFEST_VERSION = 1
 # the cache key, so a phantom made by an older generator is never reused silently.
 #   1  lesion FLAIR contrast drawn uniformly in [0.1, 1.0] (now the `subtle` variant)
 #   2  lesion statistics calibrated to published data (docs/phantom.md)
-GENERATOR_VERSION = 2
+#   3  location priors: tumours by lobe, infarcts by territory (and lacunes), MS by site
+GENERATOR_VERSION = 3
 # Images are scaled so that nominal white matter reads about this much in every modality.
 WHITE_MATTER_LEVEL = 1000.0
 ANATOMY, LESION, ACQUISITION, LESION_RELAXOMETRY = 0, 1, 2, 3
@@ -148,10 +150,19 @@ def default_config() -> ml_collections.ConfigDict:
             "oedema_edge": (0.85, 1.0),  # oedema severity at its outer edge / at the core
             "oedema_heterogeneity": 0.15,
             "solid_severity": (0.8, 1.0),
+            # Lobe of the tumour centre (Larjavaara et al. 2007, gliomas): weights, summed
+            # to 1 when drawn; "deep" is the basal ganglia, thalamus and insula.
+            "location_p": {"frontal": 40.0, "temporal": 29.0, "parietal": 14.0,
+                           "occipital": 3.0, "deep": 14.0},
         },
         "ms": {
             "count": (8, 35),
-            "periventricular_fraction": 0.6,
+            # Sites (`phantom_lesions.ms_site_candidates`): subcortical lesions the most
+            # frequent, periventricular ones the largest volume (Pongratz et al. 2023); the
+            # shares themselves are ours (the paper's per-region counts were not retrieved).
+            "site_p": {"periventricular": 38.0, "subcortical": 40.0, "juxtacortical": 14.0,
+                       "infratentorial": 8.0},
+            "periventricular_size_scale": 1.1,
             "periventricular_max_vox": 5.0,
             "long_radius_vox": (1.5, 5.0),
             "short_radius_vox": (1.0, 2.5),
@@ -162,6 +173,14 @@ def default_config() -> ml_collections.ConfigDict:
             "irregularity_vox": 2.5,  # smooth-noise roughening
             "chronic_probability": 0.5,
             "rim_width_vox": (0.8, 1.8),  # gliotic rim of chronic infarcts
+            # Arterial territory, or a lacune (small-vessel): MCA 50.8 % and small vessel
+            # 12.8 % of first-ever ischaemic strokes (Ng et al. 2007); ACA 1.8 % and PCA
+            # 8.6 % of cerebral infarcts (Sagrat Cor registry, Arboix et al. 2009); the
+            # remaining quarter (vertebrobasilar, watershed, multiple) is not modelled.
+            "territory_p": {"mca": 50.8, "aca": 1.8, "pca": 8.6, "lacunar": 12.8},
+            # Lacunes: a small subcortical infarct is up to 20 mm across (STRIVE, Wardlaw et
+            # al. 2013): radius 2.5-10 mm.
+            "lacune_radius_vox": (1.25, 5.0),
         },
     })
     return config
@@ -204,9 +223,10 @@ def make_subject(
       index: subject index (0-based position in the dataset).
       kind: 'healthy', 'tumour', 'ms' or 'stroke'.
       seed: dataset seed.
-      with_anatomy: also return 'anatomy': the subject's healthy {gm, wm, csf} fractions
-        and its warped 'depth' and 'ventricle_distance' maps [D, H, W] (for measuring the
-        phantom, `benchmarks/phantom_calibration.py`).
+      with_anatomy: also return 'anatomy': the subject's healthy {gm, wm, csf} fractions,
+        its warped 'depth' and 'ventricle_distance' maps and its 'region' and 'territory'
+        labels (`phantom_regions`) [D, H, W] (for measuring the phantom,
+        `benchmarks/phantom_calibration.py`).
 
     Returns:
       {'t1', 't2', 'pd', 'flair': [D, H, W] float32 images (WM about 1000, 0 outside the
@@ -226,14 +246,20 @@ def make_subject(
     if a.get("ventricles") is not None:
         coords = anatomy.vary_ventricles(coords, template, rng_anatomy, a.ventricles)
     maps = anatomy.warp_template(template, coords)
+    # Lobe and territory labels follow the warp (not the atrophy, which moves tissue by a
+    # voxel or two near the ventricles: nothing at this partition's scale).
+    labels = regions.subject_regions(coords, template.affine, maps["brainmask"] > 0.0)
     del coords
     maps, atrophic = anatomy.apply_atrophy(maps, rng_anatomy, a.atrophy)
     maps.update(anatomy.tissue_fractions(maps))
+    maps.update(labels)
     if a.get("cortex") is not None:
         maps.update(anatomy.individual_cortex(maps, rng_anatomy, a.cortex))
     tumour_plan = None
     if kind == "tumour":
-        tumour_plan = lesions.plan_tumour(maps, rng_lesion, config.lesions.tumour)
+        tumour_plan = lesions.plan_tumour(
+            maps, rng_lesion, config.lesions.tumour,
+            site=lesions.spread_site(index, config.lesions.tumour.location_p))
         maps = lesions.apply_mass_effect(maps, tumour_plan)
     brainmask = maps["brainmask"] >= 0.5
 
@@ -248,8 +274,8 @@ def make_subject(
         a.texture_std)
 
     fractions = {name: maps[name] for name in signal.HEALTHY_TISSUES}
-    anatomy_maps = ({**fractions, "depth": maps["depth"],
-                     "ventricle_distance": maps["ventricle_distance"]} if with_anatomy else None)
+    anatomy_maps = ({**fractions, **{name: maps[name] for name in (
+        "depth", "ventricle_distance", "region", "territory")}} if with_anatomy else None)
     rim_contrast = rng_anatomy.uniform(*h.rim_flair_contrast)
     has_rims = rng_anatomy.uniform() < h.rim_probability
     rim_weight = anatomy.periventricular_weight(maps, rng_anatomy, h)
@@ -272,7 +298,9 @@ def make_subject(
     elif kind == "ms":
         lesion = lesions.make_ms(maps, rng_lesion, lc.ms, signals, lc)
     elif kind == "stroke":
-        lesion = lesions.make_stroke(maps, rng_lesion, lc.stroke, signals, lc, subtle)
+        territory = lesions.spread_site(index, lc.stroke.territory_p)
+        lesion = lesions.make_stroke(maps, rng_lesion, lc.stroke, signals, lc, subtle,
+                                     territory)
     else:
         lesion = lesions.empty_lesion(shape)
     lesion.fraction *= brainmask

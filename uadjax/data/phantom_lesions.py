@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from uadjax.data import phantom_geometry as geometry
+from uadjax.data import phantom_regions as regions
 from uadjax.data.phantom_anatomy import MAP_CVALS, ventricle_centre
 from uadjax.data.phantom_signal import severity_for_flair_contrast
 
@@ -56,6 +57,37 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, what: str) -> np.nda
     if len(candidates) == 0:
         raise ValueError(f"phantom: no voxel qualifies as a {what}")
     return candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
+
+
+def normalised(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    """(names, probabilities) of a {name: weight} prior, weights >= 0 and not all 0."""
+    names = list(weights)
+    p = np.asarray([float(weights[n]) for n in names], np.float64)
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"phantom: a location prior needs weights >= 0, not all 0: {weights}")
+    return names, p / p.sum()
+
+
+def draw_site(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
+    """One name drawn from a {name: weight} location prior."""
+    names, p = normalised(weights)
+    return names[int(rng.choice(len(names), p=p))]
+
+
+GOLDEN_FRACTION = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def spread_site(index: int, weights: Mapping[str, float]) -> str:
+    """Subject `index`'s site under a {name: weight} prior, spread evenly over subjects.
+
+    The site is the prior's inverse CDF at u_i = frac((i + 1/2) g), g = (sqrt 5 - 1) / 2:
+    a golden-ratio sequence, so any run of consecutive subjects (a split of one kind)
+    holds each site in close to its share (within about one subject for ten), where
+    independent draws would often give a test set of ten tumours one frontal one.
+    """
+    names, p = normalised(weights)
+    u = ((index + 0.5) * GOLDEN_FRACTION) % 1.0
+    return names[min(int(np.searchsorted(np.cumsum(p), u, side="right")), len(names) - 1)]
 
 
 def is_subtle_subject(index: int, fraction: float) -> bool:
@@ -112,24 +144,47 @@ class TumourPlan:
     centre: np.ndarray
     radius: float
     mass_effect: float
+    site: str = ""  # the drawn lobe (`TUMOUR_SITES`)
 
 
-def plan_tumour(maps: Mapping[str, np.ndarray], rng: np.random.Generator, config) -> TumourPlan:
-    """Draws a tumour centre in deep white matter, its radius and its mass effect.
+# Lobes of `tumour.location_p`: "deep" (Larjavaara's deeper structures) takes the basal
+# ganglia, thalamus and insula regions of `phantom_regions`.
+TUMOUR_SITES = {"frontal": ("frontal",), "temporal": ("temporal",), "parietal": ("parietal",),
+                "occipital": ("occipital",), "deep": ("deep", "insula")}
+
+
+def plan_tumour(maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
+                site: str | None = None) -> TumourPlan:
+    """Draws a tumour's centre in the white matter of its lobe, its radius and its mass
+    effect.
+
+    The centre needs white matter (> 0.6) at least 0.5 radius + 3 voxels inside the brain,
+    off the ventricles; where the drawn lobe has no such voxel for this radius (a large
+    tumour in a small lobe) the depth condition relaxes to 3 voxels, then the lobe to the
+    whole supratentorial brain.
 
     Args:
-      maps: warped maps (wm, depth, ventricle_distance) [D, H, W].
+      maps: warped maps (wm, depth, ventricle_distance, region) [D, H, W].
       rng: the subject's lesion generator.
       config: `lesions.tumour` of the phantom config.
+      site: the lobe (a `TUMOUR_SITES` key; `spread_site` of `config.location_p` in the
+        generator); None draws it from `config.location_p`.
     """
     radius = rng.uniform(*config.radius_vox)
-    candidates = np.argwhere(
-        (maps["wm"] > 0.6) & (maps["depth"] > 0.5 * radius + 3.0)
-        & (maps["ventricle_distance"] > 2.0)
-    )
+    site = draw_site(rng, config.location_p) if site is None else site
+    white = (maps["wm"] > 0.6) & (maps["ventricle_distance"] > 2.0)
+    in_site = np.isin(maps["region"], [regions.REGION_ID[r] for r in TUMOUR_SITES[site]])
+    supratentorial = (maps["region"] > 0) & (
+        maps["region"] != regions.REGION_ID["infratentorial"])
+    candidates = np.empty((0, 3), int)
+    for where, depth in ((in_site, 0.5 * radius + 3.0), (in_site, 3.0),
+                         (supratentorial, 0.5 * radius + 3.0)):
+        candidates = np.argwhere(white & where & (maps["depth"] > depth))
+        if len(candidates):
+            break
     centre = _pick(rng, candidates, "tumour centre")
     return TumourPlan(centre=centre, radius=float(radius),
-                      mass_effect=float(rng.uniform(*config.mass_effect)))
+                      mass_effect=float(rng.uniform(*config.mass_effect)), site=site)
 
 
 def apply_mass_effect(maps: Mapping[str, np.ndarray], plan: TumourPlan) -> dict:
@@ -213,7 +268,7 @@ def make_tumour(
         pathology[name] = np.zeros(shape, np.float32)
         pathology[name][slices] = value
     whole = float((core_geometry + oedema_geometry).sum())
-    info = {"count": 1, "subtype": subtype, "radius_vox": round(radius, 2),
+    info = {"count": 1, "subtype": subtype, "site": plan.site, "radius_vox": round(radius, 2),
             "core_share": round(float(core_geometry.sum()) / max(whole, 1e-6), 3),
             "mass_effect": round(plan.mass_effect, 3), "severity": [round(severity, 3)],
             "flair_contrast": [round(contrast, 3)]}
@@ -235,47 +290,75 @@ def _gradient_at(volume: np.ndarray, point: np.ndarray) -> np.ndarray:
     return grad
 
 
+def ms_site_candidates(maps: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
+    """Candidate centres [N, 3] of each MS lesion site of `config.site_p`.
+
+    periventricular: white matter within `periventricular_max_vox` of the lateral
+    ventricles; juxtacortical: white matter touching the cortex (the GM/WM partial-volume
+    boundary, gm > 0.15); subcortical: the other deep white matter; infratentorial: white
+    matter of the brainstem and cerebellum (`phantom_regions`). Supratentorial sites
+    exclude the infratentorial region.
+    """
+    distance = maps["ventricle_distance"]
+    infratentorial = maps["region"] == regions.REGION_ID["infratentorial"]
+    supra = (maps["region"] > 0) & ~infratentorial
+    away = distance > config.periventricular_max_vox
+    juxtacortical = supra & away & (maps["wm"] > 0.5) & (maps["gm"] > 0.15) & (maps["depth"] > 2.0)
+    return {
+        "periventricular": np.argwhere(supra & (maps["wm"] > 0.6) & (distance >= 1.0) & ~away),
+        "juxtacortical": np.argwhere(juxtacortical),
+        "subcortical": np.argwhere(supra & away & ~juxtacortical & (maps["wm"] > 0.7)
+                                   & (maps["depth"] > 3.0)),
+        "infratentorial": np.argwhere(infratentorial & (maps["wm"] > 0.6)
+                                      & (maps["depth"] > 2.0)),
+    }
+
+
 def make_ms(
     maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
     signals: Mapping[str, Mapping[str, float]], lesion_config,
 ) -> Lesion:
-    """Several small ovoid white-matter lesions, mostly periventricular.
+    """Several small ovoid white-matter lesions at the sites of `config.site_p`.
 
     Periventricular ovoids point their long axis along the gradient of the distance to the
-    ventricles, i.e. perpendicular to the ventricle wall (Dawson's fingers); the others
-    sit in deep or juxtacortical white matter with random orientation. Each lesion has its
-    own severity (`draw_severity`). Lesions occupy parenchyma, not CSF.
+    ventricles, i.e. perpendicular to the ventricle wall (Dawson's fingers), and are
+    `periventricular_size_scale` times larger (periventricular lesions carry the largest
+    volume, Pongratz 2023); juxtacortical, subcortical and infratentorial ones have random
+    orientation. Each lesion has its own severity (`draw_severity`). Lesions occupy
+    parenchyma, not CSF.
 
     Args:
-      maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
+      maps: fractions gm, wm, csf plus depth, ventricle_distance and region [D, H, W].
       rng: lesion generator.
       config: `lesions.ms` config.
       signals: {modality: {tissue: signal}} of this subject.
       lesion_config: the `lesions` section (contrast model, see `draw_severity`).
 
     Returns:
-      The `Lesion`.
+      The `Lesion`; `info['sites']` counts the lesions per site.
     """
     shape = maps["wm"].shape
     distance = maps["ventricle_distance"]
-    periventricular = np.argwhere(
-        (maps["wm"] > 0.6) & (distance >= 1.0) & (distance <= config.periventricular_max_vox))
-    deep = np.argwhere((maps["wm"] > 0.7) & (maps["depth"] > 3.0)
-                       & (distance > config.periventricular_max_vox))
+    candidates = ms_site_candidates(maps, config)
     count = int(rng.integers(config.count[0], config.count[1] + 1))
     lesion_shape = np.zeros(shape, np.float32)
     lesion_severity = np.zeros(shape, np.float32)
     contrasts, severities = [], []
+    sites = {name: 0 for name in config.site_p}
     for _ in range(count):
-        is_periventricular = rng.uniform() < config.periventricular_fraction
-        if is_periventricular:
-            centre = _pick(rng, periventricular, "periventricular MS lesion centre")
+        site = draw_site(rng, config.site_p)
+        if not len(candidates[site]):  # a site this grid lacks (tiny crops): deep WM instead
+            site = "subcortical"
+        sites[site] += 1
+        centre = _pick(rng, candidates[site], f"{site} MS lesion centre")
+        scale = 1.0
+        if site == "periventricular":
             axes = geometry.orthonormal_basis(_gradient_at(distance, centre), rng)
+            scale = config.periventricular_size_scale
         else:
-            centre = _pick(rng, deep, "deep white-matter MS lesion centre")
             axes = geometry.random_basis(rng)
-        long_radius = rng.uniform(*config.long_radius_vox)
-        short_radius = min(long_radius, rng.uniform(*config.short_radius_vox))
+        long_radius = scale * rng.uniform(*config.long_radius_vox)
+        short_radius = min(long_radius, scale * rng.uniform(*config.short_radius_vox))
         radii = (long_radius, short_radius, short_radius * rng.uniform(0.8, 1.2))
         slices, rel = geometry.box_slices(centre, long_radius + 2.0, shape)
         sd = (geometry.ellipsoid_signed_distance(rel, axes, radii)
@@ -287,7 +370,7 @@ def make_ms(
         _paste(lesion_shape, slices, local)
         _paste(lesion_severity, slices, local * severity)
     parenchyma = maps["gm"] + maps["wm"]
-    info = {"count": count, "subtype": "ms", "severity": severities,
+    info = {"count": count, "subtype": "ms", "sites": sites, "severity": severities,
             "flair_contrast": contrasts}
     return Lesion(lesion_shape * parenchyma, {"ms": lesion_severity * parenchyma}, info)
 
@@ -296,34 +379,20 @@ def make_ms(
 # Stroke
 
 
-def make_stroke(
-    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
-    signals: Mapping[str, Mapping[str, float]], lesion_config, subtle: bool | None = None,
-) -> Lesion:
-    """A cortical-subcortical wedge, like an arterial territory infarct.
+def _wedge(maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
+           territory: str) -> tuple[tuple, np.ndarray, dict]:
+    """A cortical-subcortical wedge in one arterial territory: (box slices, signed
+    distance [b0, b1, b2] in the box, info).
 
-    The wedge is a cone whose axis runs from a cortical point towards the ventricles; it
-    covers the cortex and the white matter beneath down to a random depth, with rough
-    edges. Subacute infarcts are oedema-like (FLAIR bright, severity from `draw_severity`);
-    chronic ones are a fluid cavity (T1 dark, T2 bright, FLAIR dark) lined with gliosis.
-
-    Args:
-      maps: fractions gm, wm, csf plus depth and ventricle_distance [D, H, W].
-      rng: lesion generator.
-      config: `lesions.stroke` config.
-      signals: {modality: {tissue: signal}} of this subject.
-      lesion_config: the `lesions` section (contrast model, see `draw_severity`).
-      subtle: passed to `draw_severity`.
-
-    Returns:
-      The `Lesion`.
+    The wedge is a cone whose axis runs from a cortical point of the territory towards the
+    ventricles; it covers the cortex and the white matter beneath down to a random depth,
+    with rough edges.
     """
     shape = maps["wm"].shape
     centre_of_ventricles = ventricle_centre(maps)
-    z_index = np.arange(shape[2])[None, None, :]
     cortex = np.argwhere((maps["gm"] > 0.5) & (maps["depth"] >= 1.0) & (maps["depth"] <= 4.0)
-                         & (z_index >= centre_of_ventricles[2] - 4.0))
-    surface_point = _pick(rng, cortex, "cortical stroke origin")
+                         & (maps["territory"] == regions.TERRITORY_ID[territory]))
+    surface_point = _pick(rng, cortex, f"cortical stroke origin ({territory})")
     to_centre = centre_of_ventricles - surface_point
     axis = to_centre / max(np.linalg.norm(to_centre), 1e-6)
     reach = rng.uniform(*config.depth_fraction) * np.linalg.norm(to_centre)
@@ -343,6 +412,61 @@ def make_stroke(
         along_min - along,
         along - along_max,
     ]) + config.irregularity_vox * geometry.smooth_field(rng, rel.shape[1:], (10, 10, 10))
+    return slices, sd, {"half_angle_deg": round(float(np.rad2deg(half_angle)), 1)}
+
+
+def _lacune(maps: Mapping[str, np.ndarray], rng: np.random.Generator,
+            config) -> tuple[tuple, np.ndarray, dict]:
+    """A small subcortical (lacunar) infarct in the basal ganglia, internal capsule or
+    thalamus: a roughened ellipsoid of radius `lacune_radius_vox`. Returns (box slices,
+    signed distance in the box, info)."""
+    shape = maps["wm"].shape
+    deep = np.argwhere((maps["region"] == regions.REGION_ID["deep"])
+                       & (maps["gm"] + maps["wm"] > 0.8) & (maps["ventricle_distance"] > 1.0))
+    centre = _pick(rng, deep, "lacunar infarct centre")
+    radius = rng.uniform(*config.lacune_radius_vox)
+    radii = radius * rng.uniform(0.75, 1.25, size=3)
+    slices, rel = geometry.box_slices(centre, 1.3 * radius + 2.0, shape)
+    sd = (geometry.ellipsoid_signed_distance(rel, geometry.random_basis(rng), radii)
+          + 0.2 * radius * geometry.smooth_field(rng, rel.shape[1:], (4, 4, 4)))
+    return slices, sd, {"radius_vox": round(float(radius), 2)}
+
+
+def make_stroke(
+    maps: Mapping[str, np.ndarray], rng: np.random.Generator, config,
+    signals: Mapping[str, Mapping[str, float]], lesion_config, subtle: bool | None = None,
+    territory: str | None = None,
+) -> Lesion:
+    """An ischaemic infarct: a territorial wedge, or a lacune, as `config.territory_p`
+    says.
+
+    Territorial infarcts (MCA, ACA, PCA) are cortical-subcortical wedges (`_wedge`);
+    lacunar ones small deep ellipsoids (`_lacune`). Subacute infarcts are oedema-like
+    (FLAIR bright, severity from `draw_severity`); chronic ones are a fluid cavity (T1
+    dark, T2 bright, FLAIR dark) lined with gliosis.
+
+    Args:
+      maps: fractions gm, wm, csf plus depth, ventricle_distance, region and territory
+        [D, H, W].
+      rng: lesion generator.
+      config: `lesions.stroke` config.
+      signals: {modality: {tissue: signal}} of this subject.
+      lesion_config: the `lesions` section (contrast model, see `draw_severity`).
+      subtle: passed to `draw_severity`.
+      territory: 'mca', 'aca', 'pca' or 'lacunar' (`spread_site` of `config.territory_p`
+        in the generator); None draws it from `config.territory_p`.
+
+    Returns:
+      The `Lesion`.
+    """
+    shape = maps["wm"].shape
+    if territory is None:
+        territory = draw_site(rng, config.territory_p)
+    if territory == "lacunar":
+        slices, sd, shape_info = _lacune(maps, rng, config)
+    else:
+        slices, sd, shape_info = _wedge(maps, rng, config, territory)
+    box = sd.shape
     wedge = geometry.soft_fraction(sd)
     parenchyma = maps["gm"][slices] + maps["wm"][slices]
     local_fraction = wedge * parenchyma
@@ -358,7 +482,7 @@ def make_stroke(
             "gliosis": local_fraction * (1.0 - cavity) * severity,
         }
     else:
-        texture = 1.0 + 0.2 * geometry.smooth_field(rng, rel.shape[1:], (5, 5, 5))
+        texture = 1.0 + 0.2 * geometry.smooth_field(rng, box, (5, 5, 5))
         local = {"infarct_acute": local_fraction * np.clip(severity * texture, 0.0, 1.0)}
     fraction = np.zeros(shape, np.float32)
     fraction[slices] = local_fraction
@@ -366,9 +490,8 @@ def make_stroke(
     for name, value in local.items():
         pathology[name] = np.zeros(shape, np.float32)
         pathology[name][slices] = value
-    info = {"count": 1, "subtype": subtype, "severity": [round(severity, 3)],
-            "flair_contrast": [round(float(contrast), 3)],
-            "half_angle_deg": round(float(np.rad2deg(half_angle)), 1)}
+    info = {"count": 1, "subtype": subtype, "site": territory, "severity": [round(severity, 3)],
+            "flair_contrast": [round(float(contrast), 3)], **shape_info}
     return Lesion(fraction, pathology, info)
 
 

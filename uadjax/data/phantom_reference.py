@@ -62,6 +62,24 @@ ANCHORS = {
     },
 }
 
+# Location priors (`lesions.<kind>.location_p / site_p / territory_p` hold the weights).
+LARJAVAARA_2007 = ("Larjavaara et al. 2007, Neuro-Oncology 9:319 (abstract): gliomas frontal "
+                   "40 %, temporal 29 %, parietal 14 %, occipital 3 %, deeper structures 14 %")
+NG_2007 = ("Ng et al. 2007, Stroke, doi:10.1161/STROKEAHA.106.475483 (abstract, 2213 "
+           "first-ever ischaemic strokes): MCA 50.8 %, small-vessel 12.8 %")
+ARBOIX_2009 = ("Arboix et al. 2009, BMC Neurology, PMC2714497 (abstract, Sagrat Cor "
+               "registry, 2704 cerebral infarcts): ACA 1.8 %; 1355 MCA and 232 PCA infarcts "
+               "(PCA 8.6 %, our division)")
+LOCATION_ANCHORS = {
+    "tumour": {"config": "location_p", "text": LARJAVAARA_2007, "status": "published"},
+    "stroke": {"config": "territory_p", "text": NG_2007 + "; " + ARBOIX_2009 + "; the other "
+               "26 % (vertebrobasilar, watershed, multiple) not modelled",
+               "status": "published"},
+    "ms": {"config": "site_p", "text": "subcortical lesions the most frequent (13.0 per "
+           "patient), periventricular the largest volume (2.3 ml per patient), Pongratz 2023; "
+           "the shares are ours", "status": "published (ordering only)"},
+}
+
 # Healthy tissue contrast of the ICBM 2009c template itself (real MRI averages, measured
 # on voxels with tissue probability > 0.9; vendored README): ratio to WM per modality.
 ICBM_CONTRAST = {
