@@ -7,6 +7,7 @@ stages) is found and reused, so rerunning a killed job resumes it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -105,6 +106,7 @@ def make_train_data(config, stage) -> TrainData:
     default to the training split with `config.data.augment`.
     """
     ensure_shards(config)
+    identity = data_identity(config)
     split = config.train.get("data_split", schema.TRAIN)
     train_source = builder.load_split(config.data.data_dir, config.data, split)
     augment = config.data.augment if config.train.get("augment", True) else None
@@ -115,7 +117,7 @@ def make_train_data(config, stage) -> TrainData:
     try:
         val_source = builder.load_split(config.data.data_dir, config.data, schema.VAL_HEALTHY)
     except KeyError:
-        return TrainData(train_iter=iterator)
+        return TrainData(train_iter=iterator, identity=identity)
     val_batches = pipeline.make_eval_batches(
         val_source, batch_size=parallel.local_batch_size(config.train.batch_size))
     num = min(int(config.train.val_batches), len(val_batches))
@@ -124,7 +126,17 @@ def make_train_data(config, stage) -> TrainData:
     def val_iter():
         return (val_batches[i * stride] for i in range(num))
 
-    return TrainData(train_iter=iterator, val_batches=val_iter)
+    return TrainData(train_iter=iterator, val_batches=val_iter, identity=identity)
+
+
+def data_identity(config) -> dict | None:
+    """{'dataset_dir', 'manifest_sha256'} of the dataset a run trains on (None without a
+    manifest): the phantom's manifest carries its generator version, config and seed."""
+    manifest = dataset_dir(config).resolve() / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return {"dataset_dir": str(manifest.parent),
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
 
 
 def train(config, workdir: str, *, stages=None, progress: bool = True) -> bool:

@@ -48,10 +48,41 @@ class TrainData:
     Attributes:
       train_iter: grain iterator (or any iterator with get_state/set_state) of host batches.
       val_batches: callable returning a fresh iterable of host validation batches (or None).
+      identity: what identifies the training data ({'dataset_dir', 'manifest_sha256'}), or
+        None: a stage never resumes on data other than the data it started on.
     """
 
     train_iter: Iterator[dict]
     val_batches: Callable[[], Any] | None = None
+    identity: dict | None = None
+
+
+DATA_IDENTITY_FILE = "data.json"
+
+
+def check_same_data(directory: str, identity: dict | None, resuming: bool) -> None:
+    """Records the training data's identity in a stage folder, or checks it on resume.
+
+    Raises:
+      CheckpointError: the stage's checkpoints were trained on other data (another
+        dataset, or the same one regenerated differently, e.g. by a newer phantom
+        generator): resuming would silently mix the two.
+    """
+    if identity is None:
+        return
+    path = os.path.join(directory, DATA_IDENTITY_FILE)
+    if resuming and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("manifest_sha256") != identity.get("manifest_sha256"):
+            raise checkpointing.CheckpointError(
+                f"{directory}: this stage was trained on other data ({saved.get('dataset_dir')}"
+                f", manifest sha256 {str(saved.get('manifest_sha256'))[:12]}); the data is now "
+                f"{identity.get('dataset_dir')} (sha256 {identity['manifest_sha256'][:12]}). "
+                "Resuming would mix the two: use another --workdir, or delete this run "
+                "folder to train again.")
+        return
+    atomic.write_json(path, identity)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -235,7 +266,9 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     directory = stage_dir(workdir, stage.name)
     ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"),
                                       max_to_keep=tcfg.get("max_checkpoints", 2))
-    if ckpt.latest_step() is not None:
+    resuming = ckpt.latest_step() is not None
+    check_same_data(directory, data.identity, resuming)
+    if resuming:
         saved = _saved_config(ckpt)
         check_same_method(saved, config, ckpt.directory)
         state = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
