@@ -76,11 +76,19 @@ def disyre_config(size: str) -> ml_collections.ConfigDict:
     d.normalize_fp = "none"            # 'none' (fpi) | 'minmax' (dag)
     d.intensity_bias = False           # dag: intensity bias on top of the foreign patch
     d.bias_codebook = (0.00565, 0.38284, 0.61224, 0.76921, 0.93855)
-    d.bias_count_offset = 1e3          # authors: n_k / (sum n + 1e3), sic
-    d.bias_blur_sigma = 1.0
+    # Authors at 1 mm: n_k / (sum n + 1e3), sic; a pixel count, so it scales with the pixel
+    # area (1e3 / 4 at 2 mm); the class-mask blur of 1 px scales with the pixel side.
+    d.bias_count_offset = 1e3 / 4
+    d.bias_blur_sigma = 0.5
+    # Irregular shapes: share of the box they fill (authors' shipped shapes, zoomed by 1/s,
+    # s in [0.5, 1], and cut to the box: 24-100 %, mean 74 %; issue 22).
+    d.blob_fill = (0.24, 1.0)
+    d.blob_fill_mean = 0.74
     # Score.
     d.score_mode = "single_step"       # 'single_step' (authors' evaluations) | 'multi_step'
     d.num_test_timesteps = 4           # authors' notebook: N = 4 -> t = 99, 74, 49, 24
+    d.test_timesteps = ml_collections.config_dict.placeholder(tuple)  # explicit labels
+    #                                    (None: the authors' spacing above)
     d.foreground_weighting = True      # "DISYRE f.w."
     d.foreground = "brain_mask"        # authors: x > 0 ('nonzero'); the mask is robust to
     #                                    dark tissue normalised to 0
@@ -93,12 +101,16 @@ def disyre_config(size: str) -> ml_collections.ConfigDict:
         d.anomaly_box = 24
         d.shape_size = (3.0, 15.0)
         d.blur_sigma_max = 5.0 / 3.0
+        d.bias_count_offset = 1e3 / 9
+        d.bias_blur_sigma = 1.0 / 3.0
         d.window_step = 16             # step P / 3 (authors P / 4): 4 windows per 64 px slice
     elif size == "tiny":
         d.patch_size = 8
         d.anomaly_box = 6
         d.shape_size = (2.0, 5.0)
         d.blur_sigma_max = 1.0
+        d.bias_count_offset = 1e3 / 9
+        d.bias_blur_sigma = 1.0 / 3.0
         d.window_step = 4
     return d
 
@@ -126,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.image_size = upd.image_size
         d.patch_size, d.anomaly_box, d.shape_size = 128, 64, (10.0, 44.0)
         d.blur_sigma_max, d.window_step = 5.0, 32
+        d.bias_count_offset, d.bias_blur_sigma = 1e3, 1.0
     if "dag" in modifiers:
         d.intensity_bias = True
         d.normalize_fp = "minmax"

@@ -58,55 +58,69 @@ def test_inference_timesteps_are_the_trailing_spacing():
 # ------------------------------------------------------------------------------------------
 # Masks and corruption.
 
-@pytest.mark.parametrize("sigma", [0.0, 0.7, 2.5])
-def test_gaussian_blur_matches_scipy(sigma):
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 0.7, 2.5])
+def test_gaussian_blur_matches_scipy(sigma, mode):
     rng = np.random.default_rng(0)
     images = (rng.random((2, 20, 24)) > 0.7).astype(np.float32)
-    out = disyre.gaussian_blur(jnp.asarray(images), jnp.full((2,), sigma))
+    out = disyre.gaussian_blur(jnp.asarray(images), jnp.full((2,), sigma), 2.5, mode=mode)
     for image, blurred in zip(images, np.asarray(out)):
-        expected = scipy.ndimage.gaussian_filter(image, sigma, mode="constant", truncate=8.0)
+        expected = scipy.ndimage.gaussian_filter(image, sigma, mode=mode, truncate=4.0)
         np.testing.assert_allclose(blurred, expected, atol=1e-5)
 
 
-def test_shapes_stay_inside_the_anomaly_box():
-    dcfg = disyre_configs.get_config("paper").disyre
-    centers = jnp.asarray(np.random.default_rng(1).uniform(20, 44, (64, 2)), jnp.float32)
-    masks = np.asarray(disyre.shape_masks(jax.random.key(0), centers, (64, 64), dcfg))
-    assert set(np.unique(masks)) <= {0.0, 1.0}
-    half = dcfg.anomaly_box / 2 + 1  # +1: pixel centres on the box edge
-    for mask, (r, c) in zip(masks, np.asarray(centers)):
-        rows, cols = np.nonzero(mask)
-        assert len(rows) > 0
-        assert np.all(np.abs(rows - r) <= half) and np.all(np.abs(cols - c) <= half)
+def test_soft_masks_stay_inside_the_anomaly_box_and_the_brain():
+    config = disyre_configs.get_config("paper")
+    dcfg = config.disyre
+    dcfg.blur_p = 1.0
+    brain = _disc_brain(32, 64)
+    m, corners = disyre.soft_anomaly_masks(jax.random.key(0), brain, dcfg)
+    m, corners = np.asarray(m), np.asarray(corners)
+    box = dcfg.anomaly_box
+    for mask, (r, c) in zip(m, corners):
+        outside = np.ones_like(mask, bool)
+        outside[r:r + box, c:c + box] = False
+        assert mask.max() > 0 and np.all(mask[outside] == 0)
+    assert m.min() >= 0 and m.max() <= 1
+    assert np.all(m[np.asarray(brain) == 0] == 0)
+    fractional = ((m > 0.01) & (m < 0.99)).reshape(32, -1).sum(1)
+    assert (fractional > 0).mean() > 0.8  # blurred edges (sigma ~ U(0, 2.5) can be ~0)
+    dcfg.blur_p = 0.0
+    hard, _ = disyre.soft_anomaly_masks(jax.random.key(0), brain, dcfg)
+    assert set(np.unique(np.asarray(hard))) <= {0.0, 1.0}
 
 
 def test_all_three_shape_kinds_are_drawn():
     dcfg = disyre_configs.get_config("paper").disyre
-    centers = jnp.full((200, 2), 32.0)
-    masks = np.asarray(disyre.shape_masks(jax.random.key(2), centers, (64, 64), dcfg))
-    areas = masks.reshape(200, -1).sum(1)
-    # An axis-aligned or rotated rectangle fills its bounding box much more than a disc
-    # (pi / 4) or a blob; each kind must appear.
+    masks = np.asarray(disyre.shape_masks(jax.random.key(2), 300, dcfg))
+    assert masks.shape == (300, dcfg.anomaly_box, dcfg.anomaly_box)
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    areas = masks.reshape(300, -1).sum(1)
     rows_extent = np.array([np.ptp(np.nonzero(m)[0]) + 1 for m in masks])
     cols_extent = np.array([np.ptp(np.nonzero(m)[1]) + 1 for m in masks])
     fill = areas / (rows_extent * cols_extent)
     assert (fill > 0.95).sum() > 20           # unrotated rectangles
     assert ((fill > 0.74) & (fill < 0.83)).sum() > 20  # discs (pi / 4 = 0.785)
+    # Irregular shapes: the authors' big ones fill most of the box.
+    assert (areas >= 0.5 * dcfg.anomaly_box**2).sum() > 40
 
 
-def test_soft_masks_have_soft_edges_and_stay_in_the_brain():
-    config = disyre_configs.get_config("paper")
-    dcfg = config.disyre
-    brain = _disc_brain(32, 64)
-    dcfg.blur_p = 1.0
-    soft = np.asarray(disyre.soft_anomaly_masks(jax.random.key(0), brain, dcfg))
-    assert soft.min() >= 0 and soft.max() <= 1
-    assert np.all(soft[np.asarray(brain) == 0] == 0)  # nothing outside the brain
-    fractional = ((soft > 0.01) & (soft < 0.99)).reshape(32, -1).sum(1)
-    assert (fractional > 0).mean() > 0.8  # blurred edges (sigma ~ U(0, 2.5) can be ~0)
-    dcfg.blur_p = 0.0
-    hard = np.asarray(disyre.soft_anomaly_masks(jax.random.key(0), brain, dcfg))
-    assert set(np.unique(hard)) <= {0.0, 1.0}
+def test_irregular_shapes_fill_the_box_as_the_authors_shapes():
+    """Fill of the box: range 24-100 %, mean 74 % (issue 22's measurement of the authors'
+    shipped shapes); each shape's area is its drawn fill."""
+    dcfg = disyre_configs.get_config("cpu").disyre
+    fill = np.asarray(disyre.blob_fill_fractions(jax.random.key(0), 20000, dcfg))
+    assert fill.min() >= 0.24 and fill.max() <= 1.0
+    assert fill.mean() == pytest.approx(0.74, abs=0.01)
+    box = dcfg.anomaly_box
+    shapes = np.asarray(disyre.irregular_shapes(jax.random.key(1), jnp.asarray(fill[:64]), box))
+    areas = shapes.reshape(64, -1).mean(1)
+    np.testing.assert_allclose(areas, fill[:64], atol=2.0 / box**2)
+    lumps = []  # one lump: the largest component holds nearly all of the shape
+    for shape in shapes:
+        labels, _ = scipy.ndimage.label(shape)
+        lumps.append(np.bincount(labels.ravel())[1:].max() / shape.sum())
+    assert np.mean(np.array(lumps) >= 0.9) >= 0.95
 
 
 def test_no_brain_means_no_anomaly():
@@ -155,11 +169,24 @@ def test_p_anomaly_zero_is_clean_and_labelled_weakest():
     np.testing.assert_array_equal(t, 99)
 
 
-def test_foreign_patches_come_from_other_slices():
-    x = jnp.arange(5, dtype=jnp.float32)[:, None, None, None] * jnp.ones((5, 8, 8, 1))
-    fp = disyre.foreign_patches(jax.random.key(0), x)
-    sources = np.asarray(fp[:, 0, 0, 0])
-    assert np.all(sources != np.arange(5))
+def test_foreign_patches_are_brain_crops_of_other_slices_in_the_box():
+    """Each foreign patch is a box-sized crop of another slice, inside that slice's brain
+    bounding box, placed in the anomaly box (zero elsewhere)."""
+    b, size, box = 6, 48, 24
+    brain = _disc_brain(b, size, radius_fraction=0.35)
+    x = (jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None]
+         * brain[..., None] / b)
+    corners = jnp.asarray(np.random.default_rng(0).integers(0, size - box, (b, 2)), jnp.int32)
+    fp = np.asarray(disyre.foreign_patches(jax.random.key(0), x, brain, corners, box))
+    for i, (r, c) in enumerate(np.asarray(corners)):
+        inside = fp[i, r:r + box, c:c + box, 0]
+        outside = fp[i].copy()
+        outside[r:r + box, c:c + box] = 0
+        assert np.all(outside == 0)
+        values = set(np.unique(inside)) - {0.0}
+        assert len(values) == 1 and values != {float(x[i, size // 2, size // 2, 0])}
+        # The disc covers ~ 75 % of its bounding box's crops; a roll would often be empty.
+        assert (inside > 0).mean() > 0.5
 
 
 def test_intensity_bias_alpha_is_the_largest_change():
