@@ -74,6 +74,17 @@ def test_respaced_timesteps(monai):
         D.respaced_timesteps(10, 11)
 
 
+def test_strided_timesteps_are_mmccds_set():
+    """MMCCD's space_timesteps(1000, N): the smallest stride giving N steps, from 0."""
+    np.testing.assert_array_equal(D.strided_timesteps(1000, 100), np.arange(990, -1, -10))
+    np.testing.assert_array_equal(D.strided_timesteps(1000, 2), [500, 0])
+    np.testing.assert_array_equal(D.strided_timesteps(1000, 3), [668, 334, 0])
+    np.testing.assert_array_equal(D.strided_timesteps(1000, 1000), np.arange(999, -1, -1))
+    assert D.strided_timesteps(1000, 5).dtype == np.int32
+    with pytest.raises(ValueError, match="no stride"):
+        D.strided_timesteps(1000, 999)
+
+
 def test_ddpm_step_noise_and_variances():
     sch = D.get_schedule("linear", 100)
     x_t = jnp.full((2, 3, 3, 1), 0.3)

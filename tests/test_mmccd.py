@@ -135,7 +135,7 @@ def _loop_score(f, g, image, key, config):
     masks = mmccd.band_masks(x.shape[1:3], c.band_width, c.test_stride, tuple(c.directions))
     k_T, k_masks = jax.random.split(key)
     y_T = jax.random.normal(k_T, x.shape)
-    timesteps = diffusion.respaced_timesteps(config.diffusion.num_timesteps, c.ddim_steps)
+    timesteps = diffusion.strided_timesteps(config.diffusion.num_timesteps, c.ddim_steps)
     call_f = nnx.jit(lambda m, a, t: m(a, t))
     call_g = nnx.jit(lambda m, a: m(a, None))
     total = np.zeros(x.shape[:3], np.float32)

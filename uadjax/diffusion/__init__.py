@@ -31,6 +31,7 @@ from uadjax.diffusion.samplers import (
     partial_diffusion,
     reconstruct_single_step,
     respaced_timesteps,
+    strided_timesteps,
     sample_loop,
 )
 from uadjax.diffusion.schedules import (
@@ -67,6 +68,7 @@ __all__ = [
     "q_sample",
     "reconstruct_single_step",
     "respaced_timesteps",
+    "strided_timesteps",
     "sample_loop",
     "simplex_noise",
     "simplex_noise_3d",

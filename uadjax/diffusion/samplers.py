@@ -165,6 +165,26 @@ def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
 
 
+def strided_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """Every i-th timestep from 0, i the smallest stride giving `num_steps` of them: the set
+    of MMCCD's modified guided-diffusion `space_timesteps(T, N)` (models/respace.py), e.g.
+    {0, 10, ..., 990} for T = 1000, N = 100 (where `respaced_timesteps` gives
+    round(linspace(999, 0, 100))).
+
+    Returns:
+      `[num_steps]` int32, descending, last 0.
+
+    Raises:
+      ValueError: no stride gives exactly `num_steps` timesteps (the authors' function then
+        returns None).
+    """
+    for stride in range(1, num_timesteps + 1):
+        if len(range(0, num_timesteps, stride)) == num_steps:
+            return np.arange(0, num_timesteps, stride, dtype=np.int32)[::-1].copy()
+    raise ValueError(f"no stride of {num_timesteps} timesteps gives exactly {num_steps} "
+                     "(the counts ceil(T / i) for integer strides i)")
+
+
 def _check_ddpm_timesteps(timesteps) -> None:
     if isinstance(timesteps, (np.ndarray, list, tuple)):
         ts = np.asarray(timesteps)

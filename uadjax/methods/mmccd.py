@@ -227,9 +227,13 @@ def backward_loss_fn(model, batch, key, config):
 # Test time.
 
 def sample_timesteps(config) -> np.ndarray:
-    """The DDIM chain: `ddim_steps` respaced timesteps from T - 1 to 0 (guided-diffusion's
-    `timestep_respacing=100` gives round(linspace(0, 999, 100)), the same set)."""
-    return diffusion.respaced_timesteps(config.diffusion.num_timesteps, config.mmccd.ddim_steps)
+    """The DDIM chain: `ddim_steps` timesteps at the authors' stride, down to 0.
+
+    The authors replaced guided-diffusion's `space_timesteps` (models/respace.py) by the
+    smallest stride i that gives `ddim_steps` timesteps: {0, 10, ..., 990} for 100 of 1000
+    (guided-diffusion's own respacing would give round(linspace(0, 999, 100))). The chain
+    starts from pure noise at its largest timestep (990, not 999), as theirs."""
+    return diffusion.strided_timesteps(config.diffusion.num_timesteps, config.mmccd.ddim_steps)
 
 
 def translate_masked(f, x, mask, y_T, key, config):
