@@ -17,8 +17,11 @@ VARIANTS = ("paper", "cpu", "tiny")
 
 
 # Modifiers every method config accepts (besides its own).
-COMMON_MODIFIERS = frozenset({"short", "bf16"})
-SHORT_STEPS = 300  # the `short` budget: the seed study of the README results table
+# Training budgets (steps per stage): `short` is the leaderboard's; `medium` and `long`
+# give the budget curve of `python -m uadjax.benchmark --budget=short,medium,long`.
+BUDGET_STEPS = {"short": 300, "medium": 1000, "long": 3000}
+SHORT_STEPS = BUDGET_STEPS["short"]
+COMMON_MODIFIERS = frozenset({*BUDGET_STEPS, "bf16"})
 
 
 def split_variant(arg: str | None, default: str = "paper") -> tuple[str, set[str]]:
@@ -33,18 +36,23 @@ def split_variant(arg: str | None, default: str = "paper") -> tuple[str, set[str
 def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str]) -> set[str]:
     """Applies the modifiers shared by all methods; returns the ones left for the method.
 
-      short  train for SHORT_STEPS steps (checkpoint/validate at the end): the budget of the
-             leaderboard (`--budget=short`), where every method gets the same number of steps.
+      short  train for 300 steps per stage (checkpoint/validate at the end): the budget of
+             the leaderboard (`--budget=short`), where every method gets the same steps;
+      medium, long  1,000 and 3,000 steps per stage: the budget curve (`BUDGET_STEPS`).
       bf16   bfloat16 compute in every guided-diffusion UNet of the config (parameters,
              optimiser state and losses stay float32): about half the memory traffic on
              GPUs and TPUs; on CPUs XLA emulates bf16 convolutions and it is slower.
     """
-    if "short" in modifiers:
+    budgets = [b for b in BUDGET_STEPS if b in modifiers]
+    if len(budgets) > 1:
+        raise ValueError(f"one training budget at a time, not {budgets}")
+    if budgets:
+        steps = BUDGET_STEPS[budgets[0]]
         t = config.train
-        t.num_steps = SHORT_STEPS
-        t.checkpoint_every_steps = SHORT_STEPS
-        t.val_every_steps = SHORT_STEPS
-        t.warmup_steps = min(t.warmup_steps, SHORT_STEPS // 10)
+        t.num_steps = steps
+        t.checkpoint_every_steps = steps
+        t.val_every_steps = steps
+        t.warmup_steps = min(t.warmup_steps, steps // 10)
     if "bf16" in modifiers:
         unets = [m for m in config.values()
                  if isinstance(m, ml_collections.ConfigDict) and m.get("name") == "unet"]

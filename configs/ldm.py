@@ -141,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.kl_bins = 120
         c.mask_sigma = 1.0
     common.apply_common_modifiers(config, modifiers)
-    if "short" in modifiers:
+    if modifiers & set(common.BUDGET_STEPS):  # a budget holds for every stage
         config.stage_train.vqvae.num_steps = config.train.num_steps
     config.stage_train.calibrate.checkpoint_every_steps = config.stage_train.calibrate.num_steps
     return config

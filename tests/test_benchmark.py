@@ -204,6 +204,30 @@ def test_benchmark_reports_a_failed_run_and_ranks_the_others(tiny_data, tmp_path
     assert [r["seeds"] for r in board["rows"]] == [1, 0]
 
 
+def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_path):
+    """--budget=full,short: one run folder per budget; the curve's rows are those runs'
+    results, at their step counts; the leaderboard is the first budget's."""
+    root = tmp_path / "bench"
+    args = _bench_args(tiny_data, root, seeds="0")
+    args[0], args[2] = "--methods=ae", "--budget=full,short"
+    assert benchmark.main(args) == 0
+    curve = json.loads((root / "budget_curve.json").read_text())
+    rows = {(r["budget"], r["kind"]): r for r in curve["rows"]}
+    for budget, folder, steps in (("full", "ae-tiny", 2), ("short", "ae-tiny_short", 300)):
+        res = json.loads((root / folder / "seed0" / "eval_benchmark" /
+                          "results.json").read_text())
+        for kind, entry in res["results"]["ae"]["kinds"].items():
+            row = rows[(budget, kind)]
+            assert row["steps"] == steps and row["seeds"] == 1
+            assert row["dice"]["mean"] == pytest.approx(entry["val"]["per_volume"]["dice"]["mean"])
+            assert row["auprc"]["mean"] == pytest.approx(entry["val"]["per_volume"]["ap"]["mean"])
+    assert (root / "budget_curve.png").stat().st_size > 0
+    assert "| AE |" in (root / "budget_curve.md").read_text()
+    board = json.loads((root / "leaderboard.json").read_text())
+    assert board["protocol"]["budget"] in ("", "full")
+    assert benchmark.main([*args[:2], "--budget=short,short", *args[3:]]) == 2
+
+
 def test_benchmark_refuses_bad_arguments_before_running(tiny_data, tmp_path, capsys):
     root = tmp_path / "bench"
     assert benchmark.main([*_bench_args(tiny_data, root), "--override=train.nope=1"]) == 2

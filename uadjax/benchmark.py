@@ -766,7 +766,10 @@ def publish(root: str, target: str, readme: str | None = None) -> None:
 
     board = json.loads(Path(root, "leaderboard.json").read_text(encoding="utf-8"))
     os.makedirs(target, exist_ok=True)
-    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", *board["figures"]):
+    names = ["leaderboard.md", "leaderboard.csv", "leaderboard.json", *board["figures"]]
+    names += [n for n in ("budget_curve.md", "budget_curve.json", "budget_curve.png")
+              if os.path.isfile(os.path.join(root, n))]
+    for name in names:
         shutil.copyfile(os.path.join(root, name), os.path.join(target, name))
     if not readme:
         return
@@ -798,6 +801,97 @@ LEGEND = (
     "benchmark (steps x batch / logged slices per second).")
 
 
+# ------------------------------------------------------------------------------------------
+# Budget curve.
+
+def protocol_steps(entry: Entry, protocol: Protocol) -> int:
+    """Training steps per stage of `entry` under `protocol` (0 for the baseline)."""
+    if entry.is_baseline:
+        return 0
+    return int(build_config(entry, protocol, 0).train.num_steps)
+
+
+def budget_curve(entries: list[Entry], by_budget: dict) -> dict:
+    """{'rows': one per (method, budget, lesion kind): steps, seeds and the mean ± std over
+    seeds of per-volume Dice and AUPRC at the validation-selected threshold}."""
+    rows = []
+    for protocol, records in by_budget.items():
+        kinds = _kinds(records)
+        for entry in entries:
+            recs = records.get(entry.key, [])
+            for kind in kinds:
+                metrics = [_kind_metrics(_results_of(entry, r)["kinds"][kind]) for r in recs
+                           if kind in _results_of(entry, r)["kinds"]]
+                if not metrics:
+                    continue
+                rows.append({"method": entry.name(), "budget": protocol.budget or "full",
+                             "steps": protocol_steps(entry, protocol), "kind": kind,
+                             "seeds": len(metrics),
+                             "dice": _mean_std(m["dice"] for m in metrics),
+                             "auprc": _mean_std(m["auprc"] for m in metrics)})
+    return {"rows": rows}
+
+
+def budget_curve_markdown(curve: dict) -> str:
+    lines = ["| method | lesion | budget | steps per stage | seeds | Dice | AUPRC |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(curve["rows"], key=lambda r: (r["method"], r["kind"], r["steps"])):
+        lines.append(f"| {r['method']} | {r['kind']} | {r['budget']} | {r['steps']} | "
+                     f"{r['seeds']} | {_cell(r['dice'])} | {_cell(r['auprc'])} |")
+    return "\n".join(lines)
+
+
+def save_budget_figure(root: str, curve: dict) -> str:
+    """budget_curve.png: Dice and AUPRC against steps, one line per method, per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS_ORDER if any(r["kind"] == k for r in curve["rows"])]
+    fig, axes = plt.subplots(2, max(len(kinds), 1), figsize=(4.2 * max(len(kinds), 1), 6.5),
+                             squeeze=False)
+    methods = sorted({r["method"] for r in curve["rows"]})
+    for col, kind in enumerate(kinds):
+        for row, metric in enumerate(("dice", "auprc")):
+            ax = axes[row, col]
+            for method in methods:
+                pts = sorted((r["steps"], 100 * r[metric]["mean"], 100 * r[metric]["std"])
+                             for r in curve["rows"] if r["method"] == method
+                             and r["kind"] == kind)
+                if not pts:
+                    continue
+                steps, mean, std = (np.array(v) for v in zip(*pts))
+                if (steps == 0).all():  # the baseline: no training, a level line
+                    ax.axhline(mean[0], ls="--", lw=1, color="grey", label=method)
+                    continue
+                ax.errorbar(steps, mean, yerr=std, marker="o", capsize=2, label=method)
+            ax.set_xscale("log")
+            ax.set_title(f"{kind}: {'Dice' if metric == 'dice' else 'AUPRC'} (%)", fontsize=9)
+            ax.set_xlabel("training steps per stage")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, os.path.join(root, "budget_curve.png"))
+
+
+def write_budget_curve(root: str, entries, by_budget: dict, *, command: str = "") -> dict:
+    """budget_curve.{json,md,png} under `root`."""
+    curve = budget_curve(entries, by_budget)
+    curve["command"] = command
+    if not next(iter(by_budget)).dataset_dir:
+        from uadjax.data import phantom
+
+        curve["phantom_generator"] = phantom.GENERATOR_VERSION
+    atomic.write_json(os.path.join(root, "budget_curve.json"), curve)
+    if curve["rows"]:
+        save_budget_figure(root, curve)
+    atomic.write_text(os.path.join(root, "budget_curve.md"),
+                      f"# Budget curve\n\n`{command}`\n\n{budget_curve_markdown(curve)}\n\n"
+                      "Per-volume means at the validation-selected threshold, mean ± std "
+                      "over seeds, in percent.\n\n![budget curve](budget_curve.png)\n")
+    return curve
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m uadjax.benchmark",
@@ -805,7 +899,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="all", help="'all' or a comma list: ddpm, "
                         "ddpm+ens, pddpm, cddpm, mmccd:cyclic, threshold, ...")
     parser.add_argument("--size", default="cpu", choices=("paper", "cpu", "tiny"))
-    parser.add_argument("--budget", default="short", help="'short' (300 steps) or 'full'")
+    parser.add_argument("--budget", default="short",
+                        help="'short' (300 steps per stage), 'medium' (1,000), 'long' "
+                        "(3,000) or 'full' (the config's own), or a comma list: the "
+                        "leaderboard is the first budget's, and a list adds the budget "
+                        "curve (budget_curve.{md,json,png})")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--root", default="runs/benchmark")
     parser.add_argument("--dataset_dir", default="", help="prepared NIfTI dataset folder "
@@ -825,12 +923,17 @@ def main(argv=None) -> int:
         overrides = tuple(tuple(o.split("=", 1)) for o in args.override)
         if any(len(o) != 2 for o in overrides):
             raise ValueError("--override takes KEY=VALUE")
-        protocol = Protocol(size=args.size, budget="" if args.budget == "full" else args.budget,
-                            dataset_dir=args.dataset_dir, data_dir=args.data_dir,
-                            overrides=overrides)
+        budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+        if not budgets or len(set(budgets)) != len(budgets):
+            raise ValueError(f"--budget {args.budget!r}: give distinct budgets")
+        protocols = [Protocol(size=args.size, budget="" if b == "full" else b,
+                              dataset_dir=args.dataset_dir, data_dir=args.data_dir,
+                              overrides=overrides) for b in budgets]
+        protocol = protocols[0]
         seeds = [int(s) for s in args.seeds.split(",")]
         for entry in entries:  # bad modifiers or overrides: refuse before any run starts
-            build_config(entry, protocol, seeds[0])
+            for p in protocols:
+                build_config(entry, p, seeds[0])
     except (ValueError, KeyError, AttributeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -838,12 +941,17 @@ def main(argv=None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m uadjax.benchmark " + " ".join(  # the flags that shape the runs
         a for a in given if not a.startswith(("--aggregate_only", "--publish", "--readme")))
-    if args.aggregate_only:
-        records = collect(entries, protocol, seeds, args.root)
-        failures = []
-    else:
-        out = run_benchmark(entries, protocol, seeds, args.root)
-        records, failures = out["records"], out["failures"]
+    by_budget, failures = {}, []
+    for p in protocols:
+        if args.aggregate_only:
+            by_budget[p] = collect(entries, p, seeds, args.root)
+        else:
+            out = run_benchmark(entries, p, seeds, args.root)
+            by_budget[p] = out["records"]
+            failures += out["failures"]
+    records = by_budget[protocol]
+    if len(protocols) > 1:
+        write_budget_curve(args.root, entries, by_budget, command=command)
     if not any(records.values()):
         print("error: no run finished; nothing to rank", file=sys.stderr)
         for failure in failures:
