@@ -37,7 +37,10 @@ def vqvae_config(size: str, channels: int) -> ml_collections.ConfigDict:
     m.embedding_dim = 32
     m.num_embeddings = 256
     m.codebook_update = "ema"      # paper / MONAI EMAQuantizer
-    m.decay = 0.99                 # MONAI default
+    # Codebook EMA decay 0.99: van den Oord et al. 2017's value. Not MONAI's: its VQVAE
+    # class defaults to 0.5 (GenerativeModels networks/nets/vqvae.py, VQVAE.__init__),
+    # which the 2-D VQ-VAE tutorial leaves unchanged.
+    m.decay = 0.99
     m.epsilon = 1e-5               # MONAI default
     m.data_init = True             # ours: codebook from the first batch (see models/vqvae.py)
     if size == "cpu":
