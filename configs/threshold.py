@@ -1,19 +1,29 @@
 """Intensity-threshold baseline: the normalised intensity is the anomaly score (no training).
 
-Usage: --config=configs/threshold.py:<size>[,flair]
+Usage: --config=configs/threshold.py:<size>[,t1|t2|pd|flair]
+  a modality modifier thresholds that modality (default: the size's, T2); the benchmark
+  adds one such row for every modality a listed method reads (MMCCD: FLAIR).
 """
 
 from __future__ import annotations
 
 from configs import common
 
+MODALITIES = ("t1", "t2", "pd", "flair")
+
 
 def get_config(arg: str | None = None):
     size, modifiers = common.split_variant(arg)
     config = common.base_config(size)
     config.method = "threshold"
-    if "flair" in modifiers:
-        config.data.modalities = ("flair",)
+    chosen = [m for m in MODALITIES if m in modifiers]
+    unknown = modifiers - set(MODALITIES) - common.COMMON_MODIFIERS
+    if len(chosen) > 1 or unknown:
+        raise ValueError(f"threshold config: one modality of {MODALITIES}, not "
+                         f"{sorted(modifiers - common.COMMON_MODIFIERS)}")
+    if chosen:
+        config.data.modalities = (chosen[0],)
+    common.apply_common_modifiers(config, modifiers)
     config.threshold_channels = None   # None = mean over all modalities
     config.eval.baseline = False       # this is the baseline
     return config

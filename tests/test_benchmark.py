@@ -212,7 +212,9 @@ def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_pa
     args[0], args[2] = "--methods=ae", "--budget=full,short"
     assert benchmark.main(args) == 0
     curve = json.loads((root / "budget_curve.json").read_text())
-    rows = {(r["budget"], r["kind"]): r for r in curve["rows"]}
+    rows = {(r["budget"], r["kind"]): r for r in curve["rows"] if r["method"] == "AE"}
+    # AE reads T2: its threshold row joins, untrained (0 steps) at every budget.
+    assert {r["steps"] for r in curve["rows"] if r["method"] != "AE"} == {0}
     for budget, folder, steps in (("full", "ae-tiny", 2), ("short", "ae-tiny_short", 300)):
         res = json.loads((root / folder / "seed0" / "eval_benchmark" /
                           "results.json").read_text())
@@ -226,6 +228,28 @@ def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_pa
     board = json.loads((root / "leaderboard.json").read_text())
     assert board["protocol"]["budget"] in ("", "full")
     assert benchmark.main([*args[:2], "--budget=short,short", *args[3:]]) == 2
+
+
+def test_every_modality_a_method_reads_gets_its_threshold_row(tiny_data, tmp_path):
+    """MMCCD reads FLAIR and T2: the FLAIR threshold joins the T2 baseline; a list without
+    the baseline gets a T2 row of its own. A threshold row runs untrained."""
+    protocol = benchmark.Protocol(size="tiny", budget="")
+    keys = [e.key for e in benchmark.with_threshold_rows(
+        benchmark.parse_entries("ddpm,mmccd,threshold"), protocol)]
+    assert keys == ["ddpm", "mmccd", "threshold", "threshold:flair"]
+    keys = [e.key for e in benchmark.with_threshold_rows(
+        benchmark.parse_entries("disyre"), protocol)]
+    assert keys == ["disyre", "threshold:t2"]
+    assert benchmark.parse_entry("threshold:flair").label == "intensity threshold, FLAIR"
+    root = tmp_path / "bench"
+    args = _bench_args(tiny_data, root, seeds="0")
+    args[0] = "--methods=threshold:flair"
+    assert benchmark.main(args) == 0
+    board = json.loads((root / "leaderboard.json").read_text())
+    assert [r["label"] for r in board["rows"]] == ["intensity threshold, FLAIR"]
+    res = json.loads((root / "threshold-tiny_flair" / "seed0" / "eval_benchmark" /
+                      "results.json").read_text())
+    assert res["modalities"] == ["flair"]
 
 
 def test_benchmark_refuses_bad_arguments_before_running(tiny_data, tmp_path, capsys):

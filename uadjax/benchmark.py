@@ -55,7 +55,13 @@ class Entry:
 
     @property
     def is_baseline(self) -> bool:
+        """The T2 threshold scored beside the DDPM runs (read from them, never run)."""
         return self.key == "threshold"
+
+    @property
+    def is_threshold(self) -> bool:
+        """Any intensity-threshold row (untrained): the baseline or `threshold:<modality>`."""
+        return self.is_baseline or self.config == "threshold"
 
     def name(self) -> str:
         return self.label or self.key
@@ -118,13 +124,33 @@ def parse_entry(text: str) -> Entry:
     if not (Path(__file__).resolve().parents[1] / "configs" / f"{config}.py").is_file():
         raise ValueError(f"unknown method {text!r}: no configs/{config}.py (known: "
                          f"{', '.join(known)})")
-    return Entry(text, config, train.replace("+", ","), test.replace("+", ","))
+    label = f"intensity threshold, {train.upper()}" if config == "threshold" and train else ""
+    return Entry(text, config, train.replace("+", ","), test.replace("+", ","), label=label)
 
 
 def parse_entries(text: str) -> list[Entry]:
     if text == "all":
         return list(ENTRIES)
     return [parse_entry(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def with_threshold_rows(entries: list[Entry], protocol) -> list[Entry]:
+    """`entries` plus an intensity-threshold row for every modality a listed method reads
+    that no listed threshold row covers (MMCCD reads FLAIR: its fair baseline is the FLAIR
+    threshold, not only the T2 one). The `threshold` baseline covers the DDPM's modality."""
+    covered = set()
+    for e in entries:
+        if e.is_threshold:
+            covered.update(build_config(e, protocol, 0).data.modalities)
+    extra = []
+    for e in entries:
+        if e.is_threshold:
+            continue
+        for modality in build_config(e, protocol, 0).data.modalities:
+            if modality not in covered:
+                covered.add(modality)
+                extra.append(parse_entry(f"threshold:{modality}"))
+    return [*entries, *extra]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -630,7 +656,7 @@ def save_figures(root: str, entries: list[Entry], records: dict, board: dict) ->
     present = [e for e in entries if records.get(e.key)]
     for kind in board["kinds"]:
         examples = {e.key: _examples(records[e.key][0], kind) for e in present
-                    if not e.is_baseline}
+                    if not e.is_threshold}
         examples = {k: v for k, v in examples.items() if v is not None}
         if examples:
             first = next(iter(examples.values()))
@@ -806,7 +832,7 @@ LEGEND = (
 
 def protocol_steps(entry: Entry, protocol: Protocol) -> int:
     """Training steps per stage of `entry` under `protocol` (0 for the baseline)."""
-    if entry.is_baseline:
+    if entry.is_threshold:
         return 0
     return int(build_config(entry, protocol, 0).train.num_steps)
 
@@ -930,6 +956,7 @@ def main(argv=None) -> int:
                               dataset_dir=args.dataset_dir, data_dir=args.data_dir,
                               overrides=overrides) for b in budgets]
         protocol = protocols[0]
+        entries = with_threshold_rows(entries, protocol)
         seeds = [int(s) for s in args.seeds.split(",")]
         for entry in entries:  # bad modifiers or overrides: refuse before any run starts
             for p in protocols:
