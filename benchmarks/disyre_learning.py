@@ -5,13 +5,15 @@
 For each run folder: the restorer of its latest checkpoint, on random patches of the
 healthy validation slices corrupted by the training corruption (`disyre.corrupt`, fixed
 keys, so every run sees the same anomalies), measured
-  - removed: the share of the inserted change the restoration removes,
-    1 - sum (f(x_c) - x)^2 / sum (x_c - x)^2 over the patch;
+  - removed: the share of the inserted change the restoration removes inside the anomaly,
+    1 - sum m (f(x_c) - x)^2 / sum m (x_c - x)^2 (m the soft mask);
   - AUROC of the residual |x_c - f(x_c)| (mean over channels) between anomalous pixels
     (m > 0.5) and the other brain pixels of the patches;
 once with the label the training gives each anomaly (t from its severity: the oracle) and
 once with the test-time score's labels (`disyre.test_labels`, their residuals averaged, as
 the single-step score). Both must rise with training steps for a method that learns.
+t sensitivity = mean |f(x_c, 0) - f(x_c, T - 1)| / mean |f(x_c, 0) - x_c|: how much the
+severity label changes the restoration, relative to the restoration itself.
 """
 
 from __future__ import annotations
@@ -79,14 +81,22 @@ def restoration(model, patches: list[dict], scfg) -> dict:
                 outs = [call(x_c, jnp.full((x.shape[0],), t, jnp.int32)) for t in labels]
                 restored = sum(outs) / len(outs)
                 residual = sum(jnp.abs(x_c - o) for o in outs) / len(outs)
-            err_before += float(jnp.sum((x_c - x) ** 2))
-            err_after += float(jnp.sum((restored - x) ** 2))
+            weight = p["m"][..., None]  # inside the anomaly, as the mask weights it
+            err_before += float(jnp.sum(weight * (x_c - x) ** 2))
+            err_after += float(jnp.sum(weight * (restored - x) ** 2))
             inside = np.asarray(p["brain"]) > 0
             scores.append(np.asarray(jnp.mean(residual, -1))[inside])
             truth.append((np.asarray(p["m"]) > 0.5)[inside])
         result[name] = {"removed": 1.0 - err_after / max(err_before, 1e-12),
                         "auroc": float(roc_auc_score(np.concatenate(truth),
                                                      np.concatenate(scores)))}
+    # How much the label matters: the restoration at the strongest-anomaly label against
+    # the weakest, relative to what the restorer changes at all.
+    first = patches[0]["x_c"]
+    strong = call(first, jnp.zeros((first.shape[0],), jnp.int32))
+    weak = call(first, jnp.full((first.shape[0],), int(scfg.num_timesteps) - 1, jnp.int32))
+    result["t_sensitivity"] = float(jnp.mean(jnp.abs(strong - weak))
+                                    / jnp.maximum(jnp.mean(jnp.abs(strong - first)), 1e-12))
     return result
 
 
@@ -104,11 +114,12 @@ def main(argv):
         stats = restoration(models[disyre.STAGE], patches, config.disyre)
         rows.append({"workdir": workdir, "step": steps[disyre.STAGE]["step"], **stats})
     print("| run | steps | removed (oracle t) | AUROC (oracle t) | removed (test labels) "
-          "| AUROC (test labels) |\n|---|---|---|---|---|---|")
+          "| AUROC (test labels) | t sensitivity |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {os.path.basename(r['workdir'].rstrip('/'))} | {r['step']} | "
+        print(f"| {r['workdir']} | {r['step']} | "
               f"{r['oracle']['removed']:.3f} | {r['oracle']['auroc']:.3f} | "
-              f"{r['test_labels']['removed']:.3f} | {r['test_labels']['auroc']:.3f} |")
+              f"{r['test_labels']['removed']:.3f} | {r['test_labels']['auroc']:.3f} | "
+              f"{r['t_sensitivity']:.4f} |")
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
