@@ -201,7 +201,9 @@ def test_benchmark_reports_a_failed_run_and_ranks_the_others(tiny_data, tmp_path
     out = capsys.readouterr().out
     assert "AE seed 0: FAILED (RuntimeError: disk on fire)" in out
     board = json.loads((root / "leaderboard.json").read_text())
-    assert [r["seeds"] for r in board["rows"]] == [1, 0]
+    # DDPM and AE read T2 and no threshold row is listed: the T2 threshold row joins.
+    assert [(r["key"], r["seeds"]) for r in board["rows"]] == [
+        ("ddpm", 1), ("ae", 0), ("threshold:t2", 1)]
 
 
 def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_path):
