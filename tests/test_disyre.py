@@ -48,6 +48,22 @@ def test_severity_to_t_is_the_nearest_label():
     np.testing.assert_array_equal(disyre.severity_to_t(jnp.asarray(grid), table), expected)
 
 
+def test_default_test_labels_are_the_strong_anomaly_severities():
+    """D3: the default labels are the t of severities 1.0, 0.99, 0.90 and 0.73 under the
+    training mapping; the `notebook` modifier gives the authors' spacing 99, 74, 49, 24."""
+    for size in ("paper", "cpu", "tiny"):
+        scfg = disyre_configs.get_config(size).disyre
+        labels = disyre.test_labels(scfg)
+        np.testing.assert_array_equal(labels, [0, 3, 13, 24])
+        severities = jnp.asarray([1.0, 0.99, 0.90, 0.73])
+        np.testing.assert_array_equal(
+            disyre.severity_to_t(severities, disyre.severity_schedule(scfg)), labels)
+        assert disyre.severity_schedule(scfg)[labels].min() > 0.7  # all strong anomalies
+    notebook = disyre_configs.get_config("cpu,notebook").disyre
+    np.testing.assert_array_equal(disyre.test_labels(notebook), [99, 74, 49, 24])
+    assert disyre.severity_schedule(notebook)[disyre.test_labels(notebook)].min() < 0.01
+
+
 def test_inference_timesteps_are_the_trailing_spacing():
     np.testing.assert_array_equal(disyre.inference_timesteps(100, 4), [99, 74, 49, 24])
     np.testing.assert_array_equal(disyre.inference_timesteps(100, 5), [99, 79, 59, 39, 19])

@@ -29,10 +29,13 @@ Training: f(x_c, t) predicts the clean patch, MSE over the patch (`loss_fn`), on
 crops of the training slices.
 
 Anomaly score (`score_fn`), per window of a Gaussian-blended sliding window over the slice:
-  single_step  (authors' default, v2) AS = mean_t |x - f(x, t)| over N labels
-               t = round(arange(T, 0, -T/N)) - 1 (N = 4: 99, 74, 49, 24).
+  single_step  (authors' default, v2) AS = mean_t |x - f(x, t)| over the labels
+               `test_labels`: by default t = 0, 3, 13, 24 (severities 1.0 .. 0.73, the strong
+               anomalies the paper's Table 1 scores best); the authors' notebook spacing
+               t = round(arange(T, 0, -T/N)) - 1 (N = 4: 99, 74, 49, 24) labels faint
+               anomalies under their own training mapping (docs/findings.md, D3).
   multi_step   (v1 Algorithm 1) cold-diffusion restoration over the same labels ordered from
-               the strongest anomaly to the weakest (24, 49, 74, 99 for N = 4), consistent with
+               the strongest anomaly to the weakest (0, 3, 13, 24 by default), consistent with
                training: with a_i = sqrt(alpha_bar_{t_i}) the fraction of anomaly assumed at step
                i, x_{i+1} = x0_hat + (a_{i+1} / a_i) (x_i - x0_hat) (a_N = 0, the last step
                returns x0_hat), clipped to [0, 1]; AS = mean_i |x_i - x0_hat_i|.
