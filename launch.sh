@@ -18,20 +18,27 @@ VENV=${UADJAX_VENV:-$ROOT/.venv}
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for c in python3.12 python3.11 python3; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    # stderr silenced: pyenv shims of absent versions print "command not found" when run
+    if command -v "$c" >/dev/null 2>&1 && \
+        "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
       PY=$c; break
     fi
   done
 fi
 [ -n "$PY" ] || { echo "launch.sh: Python >= 3.11 is required" >&2; exit 1; }
 
+# Dependencies: the pinned versions of requirements.lock (those the test suite passed with),
+# or with UADJAX_UNPINNED=1 the newest releases pyproject.toml allows.
 stamp="$VENV/.uadjax-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "launch.sh: setting up the environment in $VENV" >&2
+if [ "${UADJAX_UNPINNED:-0}" = 1 ]; then want=unpinned; constraints=(); else
+  want=pinned; constraints=(-c requirements.lock); fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ] \
+    || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "launch.sh: setting up the environment in $VENV ($want dependencies)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -e ".[test]" >&2
-  touch "$stamp"
+  "$VENV/bin/python" -m pip install -q "${constraints[@]}" -e ".[test]" >&2
+  echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
 

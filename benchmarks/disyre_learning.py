@@ -19,16 +19,15 @@ severity label changes the restoration, relative to the restoration itself.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 from sklearn.metrics import roc_auc_score
 
 from uadjax import evaluate
+from uadjax.predict import run_config
 from uadjax.data import builder, schema
 from uadjax.methods import disyre
 
@@ -36,12 +35,6 @@ _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Trained DISYRE run folders
 _BATCHES = flags.DEFINE_integer("batches", 8, "Batches of corrupted patches.")
 _LABELS = flags.DEFINE_list("test_timesteps", [], "Test labels (default: the run's).")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this file.")
-
-
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (its config.json)."""
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def corrupted_patches(config, batches: int) -> list[dict]:
@@ -105,7 +98,7 @@ def main(argv):
     rows = []
     patches = None
     for workdir in _WORKDIRS.value:
-        config = saved_config(workdir)
+        config = run_config(workdir)
         if _LABELS.value:
             config.disyre.test_timesteps = tuple(int(t) for t in _LABELS.value)
         if patches is None:

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.disyre_learning import saved_config
 from uadjax import evaluate, metrics
 from uadjax.data import builder, schema
+from uadjax.predict import run_config
 from uadjax.methods import mmccd
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained MMCCD run folder.", required=True)
@@ -72,21 +72,6 @@ def subset_slices(config, per_kind: int, slice_step: int) -> dict:
             "subject_id": np.array([s for _, s, _ in keep])}
 
 
-def coverage_rows(config, coverage: int) -> np.ndarray:
-    """Indices, in the finest mask set, of the masks of coverage c (starts on a multiple of
-    band_width / c, both directions)."""
-    c = config.mmccd
-    h, w = config.data.image_size
-    fine = int(c.test_stride)
-    stride = int(c.band_width) // coverage
-    rows, offset = [], 0
-    for length in (h, w):  # horizontal bands, then vertical ones (as `band_masks`)
-        starts = mmccd.band_starts(length, fine)
-        rows += [offset + i for i, s in enumerate(starts) if s % stride == 0]
-        offset += len(starts)
-    return np.asarray(rows)
-
-
 def sweep_errors(models, data, config, batch: int):
     """Per-mask error maps of the finest sweep: ([N, R, H, W] m_r (x_hat_r - x)^2 and the
     masks [R, H, W], seconds spent in the sweep after compilation)."""
@@ -115,7 +100,7 @@ def sweep_errors(models, data, config, batch: int):
 def accuracy(error_maps: np.ndarray, data: dict) -> dict:
     """Per kind: AUPRC and best pooled Dice of maps [N, H, W] over the brain pixels."""
     out = {}
-    for kind in sorted(set(data["kind"])):
+    for kind in sorted(set(data["kind"].tolist())):
         sel = data["kind"] == kind
         brain = data["brain_mask"][sel]
         scores, labels = error_maps[sel][brain], data["seg"][sel][brain]
@@ -127,7 +112,7 @@ def accuracy(error_maps: np.ndarray, data: dict) -> dict:
 
 def main(argv):
     del argv
-    config = saved_config(_WORKDIR.value)
+    config = run_config(_WORKDIR.value)
     c = config.mmccd
     coverages = sorted(int(v) for v in _COVERAGE.value)
     if any(int(c.band_width) % v for v in coverages):
@@ -139,7 +124,7 @@ def main(argv):
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     depth = float(np.mean([e["num_slices"] for e in index["subjects"]]))
     print(f"{len(data['image'])} slices of {len(set(data['subject_id']))} subjects "
-          f"(kinds {sorted(set(data['kind']))}); {depth:.0f} slices per volume; checkpoints "
+          f"(kinds {', '.join(sorted(set(data['kind'].tolist())))}); {depth:.0f} slices per volume; checkpoints "
           f"{ {k: v['step'] for k, v in steps.items()} }")
     rows = []
     for ddim_steps in sorted(int(s) for s in _STEPS.value):
@@ -148,7 +133,8 @@ def main(argv):
         fine_evals = masks.shape[0] * (ddim_steps + 1)
         seconds_per_eval = seconds / (len(data["image"]) * fine_evals)
         for coverage in coverages:
-            sel = coverage_rows(config, coverage)
+            sel = mmccd.band_subset(tuple(config.data.image_size), int(c.test_stride),
+                                    int(c.band_width) // coverage, tuple(c.directions))
             maps = err[:, sel].sum(1) / masks[sel].sum(0)
             evals = len(sel) * (ddim_steps + 1)
             rows.append({"coverage": coverage, "masks": len(sel), "ddim_steps": ddim_steps,
@@ -157,7 +143,7 @@ def main(argv):
                          **accuracy(maps, data)})
         print(f"S = {ddim_steps}: {seconds:.0f} s for the finest sweep "
               f"({1e3 * seconds_per_eval:.2f} ms per network evaluation)", flush=True)
-    kinds = sorted(set(data["kind"]))
+    kinds = sorted(set(data["kind"].tolist()))
     print("| coverage | masks | DDIM steps | evaluations per slice | s per volume | " +
           " | ".join(f"{k} AUPRC | {k} Dice" for k in kinds) + " |")
     print("|---" * (5 + 2 * len(kinds)) + "|")

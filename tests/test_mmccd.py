@@ -63,6 +63,34 @@ def test_paper_mask_set():
         mmccd.band_masks(16, 17, 1)
 
 
+@pytest.mark.parametrize("size,width,coverage", [(64, 8, 1), (64, 8, 2), (64, 8, 4),
+                                                 (128, 16, 8), (16, 2, 1)])
+def test_band_coverage_is_width_over_stride_per_direction(size, width, coverage):
+    """M1: at stride width / c every pixel away from the top / left borders is in-painted by
+    c bands per direction (2 c in all); the first rows and columns by fewer, never none."""
+    stride = width // coverage
+    cover = mmccd.band_coverage(size, width, stride)
+    np.testing.assert_array_equal(cover, mmccd.band_masks(size, width, stride).sum(0))
+    inner = cover[width - stride:, width - stride:]
+    assert inner.min() == inner.max() == 2 * coverage
+    assert cover.min() >= 2 and cover[0, 0] == 2
+    # one direction: c per pixel
+    assert mmccd.band_coverage(size, width, stride, ("vertical",))[:, width - stride:].min() \
+        == coverage
+
+
+@pytest.mark.parametrize("directions", [("horizontal", "vertical"), ("vertical",)])
+def test_band_subset_is_the_coarser_mask_set(directions):
+    """The cost-accuracy benchmark scores the finest stride once and reads the coarser mask
+    sets out of it: the subset must be exactly the coarser set, in its order."""
+    fine = mmccd.band_masks(64, 8, 2, directions)
+    for coarse in (2, 4, 8):
+        rows = mmccd.band_subset(64, 2, coarse, directions)
+        np.testing.assert_array_equal(fine[rows], mmccd.band_masks(64, 8, coarse, directions))
+    with pytest.raises(ValueError, match="multiple"):
+        mmccd.band_subset(64, 4, 6)
+
+
 def test_random_training_masks_are_bands_on_the_stride():
     masks = np.asarray(mmccd.random_band_masks(jax.random.key(0), 400, 64, 8, 2))
     horizontal = 0

@@ -82,18 +82,23 @@ def find_scans(input_path: str, modalities) -> dict[str, dict[str, Path]]:
     return scans
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run folder was trained with (its config.json)."""
+    config_path = Path(workdir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not a trained run directory")
+    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+
+
 def load_run(workdir: str):
     """(config, models, calibration) of a trained and evaluated run directory."""
     from uadjax.evaluate import load_models
 
-    config_path = Path(workdir) / "config.json"
+    config = run_config(workdir)
     calibration_path = Path(workdir) / "eval" / "calibration.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not a trained run directory")
     if not calibration_path.is_file():
         raise FileNotFoundError(f"{calibration_path}: run `evaluate` first; it calibrates "
                                 "the segmentation threshold on the lesion-validation set")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     calibration = json.loads(calibration_path.read_text())
     return config, load_models(config, workdir), calibration
 
@@ -197,7 +202,7 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
                   brain_mask: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> PredictReport:
     """Runs `predict_scan` on one file or every scan of a folder."""
-    from tqdm import tqdm
+    from uadjax.progress import progress_bar
 
     from uadjax import parallel
     from uadjax.inference.scoring import make_batch_scorer
@@ -216,7 +221,7 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
     scorer = make_batch_scorer(get_method(config.method).score_fn, models, config,
                                parallel.make_mesh(1), seed=config.eval.seed)
     report = PredictReport()
-    for name, files in tqdm(sorted(scans.items()), disable=not progress, desc="predict"):
+    for name, files in progress_bar(sorted(scans.items()), disable=not progress, desc="predict"):
         prefix = out / name
         targets = output_paths(prefix)
         if not overwrite and all(t.exists() for t in targets):

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
+from uadjax.progress import progress_bar
 
 from uadjax import atomic, checkpointing, parallel
 from uadjax.methods import get_method
@@ -292,7 +292,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     val_every = int(tcfg.get("val_every_steps", 0))
     last = stop_at_step if stop_at_step is not None else num_steps
     last = min(last, num_steps)
-    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc=f"train/{stage.name}",
+    bar = progress_bar(total=num_steps, initial=start, disable=not progress, desc=f"train/{stage.name}",
                dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), 0
     pending = []

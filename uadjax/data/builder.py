@@ -41,12 +41,12 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
-from tqdm import tqdm
 
 from uadjax import atomic
 from uadjax.data import nifti
 from uadjax.data.preprocess import PreprocessConfig, preprocess_files, training_slice_indices
 from uadjax.data.schema import SPLITS, TRAIN, DataError
+from uadjax.progress import progress_bar
 
 VERSION = "1.0.0"
 VOLUMES_JSON = "volumes.json"
@@ -190,7 +190,8 @@ def _preprocess_all(dataset_dir: Path, pp: PreprocessConfig, cache_dir: Path, pr
     manifest = nifti.read_manifest(dataset_dir)  # ids checked: unique, safe as file names
     entries, failures = [], []
     subjects = manifest["subjects"]
-    for raw in tqdm(subjects, desc=f"preprocess {pp.builder_config_name}", disable=not progress):
+    for raw in progress_bar(subjects, desc=f"preprocess {pp.builder_config_name}",
+                            disable=not progress):
         sid = raw["id"]
         try:
             if raw.get("split") not in SPLITS:

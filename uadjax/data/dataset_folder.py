@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from uadjax import atomic
 from uadjax.data import datasets, nifti
@@ -36,6 +35,7 @@ from uadjax.data.schema import (
     VAL_LESION,
     DataError,
 )
+from uadjax.progress import progress_bar
 
 MANIFEST_VERSION = 1
 SPLITS_CSV = "splits.csv"
@@ -336,7 +336,7 @@ def build_dataset_folder(sources: list, out_dir, *, modalities, spatial=None, se
                                               spatial=spatial, out_dir=out_dir,
                                               overwrite=overwrite)
     entries = []
-    bar = tqdm(total=len(tasks), desc=f"dataset {out_dir.name}", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc=f"dataset {out_dir.name}", disable=not progress)
     if jobs > 1 and len(tasks) > 1:
         # spawn, not fork: the parent may have started JAX's threads (forking them is unsafe).
         context = multiprocessing.get_context("spawn")

@@ -506,11 +506,11 @@ def _generate_and_write(folder, template, config, seed, index, entry) -> dict:
 
 def _write_all(folder, template, config, config_json, seed, progress, workers) -> dict:
     """Generates and writes every subject, then the manifest, into `folder`."""
-    from tqdm import tqdm
+    from uadjax.progress import progress_bar
 
     folder.mkdir(parents=True)
     plan = plan_subjects(config)
-    bar = tqdm(total=len(plan), desc="phantom", unit="subject", disable=not progress)
+    bar = progress_bar(total=len(plan), desc="phantom", unit="subject", disable=not progress)
     if workers <= 1:
         subjects = []
         for index, entry in enumerate(plan):

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from uadjax import parallel
+from uadjax.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ def score_volumes(scorer, batches: Iterable[dict], *, num_slices: dict[str, int]
       subject id -> ScoredVolume. Raises if a volume misses a slice or gets one twice.
     """
     parts: dict[str, dict] = {}
-    for i, batch in enumerate(tqdm(batches, disable=not progress, desc=desc, leave=False)):
+    for i, batch in enumerate(progress_bar(batches, disable=not progress, desc=desc, leave=False)):
         out = scorer(batch, i)
         for row in np.flatnonzero(np.asarray(batch["valid"])):
             sid = _text(batch["subject_id"][row])

@@ -138,6 +138,28 @@ def band_masks(image_size, width: int, stride: int,
     return np.stack(out).astype(np.float32)
 
 
+def band_subset(image_size, stride: int, coarse_stride: int,
+                directions=DIRECTIONS) -> np.ndarray:
+    """Rows of `band_masks(image_size, w, stride, directions)` that are the mask set at
+    `coarse_stride` (a multiple of `stride`): `band_masks(., w, coarse_stride, .)` equals
+    `band_masks(., w, stride, .)[band_subset(...)]`, in the same order."""
+    if coarse_stride % stride:
+        raise ValueError(f"stride {coarse_stride} is not a multiple of {stride}")
+    h, w = _hw(image_size)
+    rows, offset = [], 0
+    for direction in directions:
+        starts = band_starts(h if direction == "horizontal" else w, stride)
+        rows += [offset + i for i, s in enumerate(starts) if s % coarse_stride == 0]
+        offset += len(starts)
+    return np.asarray(rows, np.int32)
+
+
+def band_coverage(image_size, width: int, stride: int, directions=DIRECTIONS) -> np.ndarray:
+    """[H, W] int32: how many test masks in-paint each pixel (width / stride per direction
+    away from the top and left borders, fewer within width - stride of them)."""
+    return band_masks(image_size, width, stride, directions).sum(0).astype(np.int32)
+
+
 def random_band_masks(key, batch_size: int, image_size, width: int, stride: int):
     """Training masks, one per image (jit-able): [B, H, W] float32, 1 inside the band.
 
