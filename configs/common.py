@@ -127,6 +127,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     t.val_every_steps = 1000      # healthy-validation loss; 0 disables
     t.val_batches = 8             # batches of healthy validation slices per validation
     t.tensorboard = True
+    t.data_split = "train"        # the split a stage trains on (LDM's calibration: val_healthy)
+    t.augment = True              # config.data.augment applies (when it is enabled)
     # A non-finite loss or gradient: 'stop' (raise, naming the step; the last checkpoint is
     # kept) or 'skip' (drop that batch's update, warn, and stop only after
     # max_skipped_steps skipped updates). Either way no non-finite state is applied or saved.

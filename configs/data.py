@@ -18,7 +18,27 @@ Use from the command line as `--config configs/data.py:cpu`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+
+# Preprocessing fields whose default is None, and the type an override may give them.
+_OPTIONAL_TYPES = {"num_slices": int, "target_spacing": tuple, "slice_range": tuple}
+
+
+def preprocessing_defaults() -> ml_collections.ConfigDict:
+    """The fields of `uadjax.data.preprocess.PreprocessConfig` with its defaults (the one
+    place they are written down, and documented): fields that default to None are typed
+    placeholders, so that `--config.data.num_slices=50` works."""
+    from uadjax.data.preprocess import PreprocessConfig
+
+    c = ml_collections.ConfigDict()
+    for field in dataclasses.fields(PreprocessConfig):
+        value = field.default
+        c[field.name] = (ml_collections.config_dict.placeholder(_OPTIONAL_TYPES[field.name])
+                         if value is None else value)
+    return c
 
 
 def get_augment_config() -> ml_collections.ConfigDict:
@@ -41,24 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     `arg` may carry modalities after a colon: 'cpu:t2,flair'.
     """
     variant, _, mods = (arg or "cpu").partition(":")
-    c = ml_collections.ConfigDict()
-    c.dataset = "phantom"  # Dataset name: first part of the shard name (phantom_t2_64).
-    c.modalities = ("t2",)  # Channel order of `image`.
-    c.image_size = (64, 64)  # (H, W) after centred crop/pad on the brain bounding box.
-    c.num_slices = ml_collections.config_dict.placeholder(int)  # Axial crop/pad; None: all.
-    c.target_spacing = (3.0, 3.0, 3.0)  # mm after resampling; None: keep native spacing.
-    c.slice_range = ml_collections.config_dict.placeholder(tuple)  # (start, stop) or None.
-    c.min_brain_fraction = 0.05  # Training slices need this fraction of brain pixels.
-    c.train_lesion_free_only = True  # Training slices of lesion subjects must be lesion-free.
-    c.normalisation = "percentile"  # 'percentile' | 'quantile' | 'mmccd' | 'none'.
-    c.percentiles = (1.0, 99.0)  # Brain percentiles clipped and rescaled to [0, 1].
-    c.quantile_upper = 0.98  # DISYRE: (v - q0) / (q_upper - q0) over all voxels.
-    c.mmccd_percentiles = (2.0, 90.0)  # MMCCD: brain percentiles mapped to mmccd_range.
-    c.mmccd_range = (-3.0, 3.0)
-    c.mmccd_lower_over = "brain"  # 'brain' (README) or 'volume' (code: l = background 0).
-    c.brain_mask = "file"  # 'file' (mask file if listed, else non-zero) or 'nonzero'.
-    c.affine_atol = 1e-3  # Tolerance when comparing one subject's affines.
-    c.name = ""  # Shard name override; '' derives '<dataset>_<mods>_<size>[_<norm>]'.
+    c = preprocessing_defaults()
+    c.target_spacing = (3.0, 3.0, 3.0)  # the CPU size: 3 mm (the dataclass: native spacing)
     c.augment = get_augment_config()
 
     if variant in ("paper", "behrendt"):

@@ -227,3 +227,22 @@ def test_config_from_configdict_and_builder_name():
     disyre = preprocess.PreprocessConfig.from_config(data_config.get_config("disyre"))
     assert disyre.builder_config_name == "phantom_t2_96_quantile"
     assert DEFAULT_AFFINE.shape == (4, 4)
+
+
+def test_data_config_is_the_dataclass_defaults_and_unknown_keys_are_refused():
+    import dataclasses
+
+    from configs import common
+    from configs import data as data_config
+
+    defaults = data_config.preprocessing_defaults()
+    for field in dataclasses.fields(preprocess.PreprocessConfig):
+        assert defaults[field.name] == field.default, field.name
+    # every variant, and a method's full data section, is accepted as it is
+    for variant in ("paper", "mmccd_brats", "disyre_upd", "cpu", "disyre", "mmccd", "tiny"):
+        preprocess.PreprocessConfig.from_config(data_config.get_config(variant))
+    preprocess.PreprocessConfig.from_config(common.base_config("cpu").data)
+    bad = data_config.get_config("cpu")
+    bad.normalization = "quantile"  # misspelt: would silently keep 'percentile'
+    with pytest.raises(ValueError, match="unknown data config keys.*normalization"):
+        preprocess.PreprocessConfig.from_config(bad)

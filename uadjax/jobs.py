@@ -107,9 +107,9 @@ def make_train_data(config, stage) -> TrainData:
     """
     ensure_shards(config)
     identity = data_identity(config)
-    split = config.train.get("data_split", schema.TRAIN)
+    split = config.train.data_split
     train_source = builder.load_split(config.data.data_dir, config.data, split)
-    augment = config.data.augment if config.train.get("augment", True) else None
+    augment = config.data.augment if config.train.augment else None
     iterator = pipeline.make_train_iterator(
         train_source, batch_size=parallel.local_batch_size(config.train.batch_size),
         seed=config.seed, augment_config=augment,

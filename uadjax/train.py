@@ -88,12 +88,13 @@ def check_same_data(directory: str, identity: dict | None, resuming: bool) -> No
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """Adam/AdamW with optional warm-up, cosine decay and global-norm clipping.
 
-    cfg fields: optimizer ('adam'|'adamw'), learning_rate, weight_decay, warmup_steps,
-    lr_schedule ('constant'|'cosine'), num_steps, grad_clip (0 disables), b1, b2.
+    cfg fields (all required; their defaults are `configs/common.py`'s): optimizer
+    ('adam'|'adamw'), learning_rate, weight_decay, warmup_steps, lr_schedule
+    ('constant'|'cosine'), num_steps, grad_clip (0 disables), b1, b2.
     """
     lr = cfg.learning_rate
-    warmup = int(cfg.get("warmup_steps", 0))
-    if cfg.get("lr_schedule", "constant") == "cosine":
+    warmup = int(cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1), end_value=lr * 0.01)
     elif warmup:
@@ -101,15 +102,15 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     else:
         schedule = lr
-    name = cfg.get("optimizer", "adam")
-    b1, b2 = cfg.get("b1", 0.9), cfg.get("b2", 0.999)
+    name = cfg.optimizer
+    b1, b2 = cfg.b1, cfg.b2
     if name == "adam":
         opt = optax.adam(schedule, b1=b1, b2=b2)
     elif name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=cfg.get("weight_decay", 0.0))
+        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
-    clip = cfg.get("grad_clip", 0.0)
+    clip = cfg.grad_clip
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
 
 
@@ -148,7 +149,7 @@ def merge(graphdef, params: dict, rest: dict) -> nnx.Module:
 
 def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
     """The pure update step: state, batch -> state, metrics. Jit it with donation."""
-    ema_decay = float(config.train.get("ema_decay", 0.0))
+    ema_decay = float(config.train.ema_decay)
     # 'skip' drops the update and goes on: the step is not recorded as a stop reason (a
     # later resume under 'stop' must not stop for an update that was never applied).
     record_non_finite = _non_finite_policy(config.train) == "stop"
@@ -265,7 +266,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     state = parallel.replicate(state, mesh)
     directory = stage_dir(workdir, stage.name)
     ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"),
-                                      max_to_keep=tcfg.get("max_checkpoints", 2))
+                                      max_to_keep=tcfg.max_checkpoints)
     resuming = ckpt.latest_step() is not None
     check_same_data(directory, data.identity, resuming)
     if resuming:
@@ -286,10 +287,10 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     state_sharding = jax.tree.map(lambda _: replicated, state)
     jit_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, replicated))
     eval_fn = jax.jit(make_eval_loss_fn(stage, graphdef, config))
-    writer = MetricWriter(directory, tensorboard=tcfg.get("tensorboard", True))
-    log_every = int(tcfg.get("log_every_steps", 50))
-    ckpt_every = int(tcfg.get("checkpoint_every_steps", 500))
-    val_every = int(tcfg.get("val_every_steps", 0))
+    writer = MetricWriter(directory, tensorboard=tcfg.tensorboard)
+    log_every = int(tcfg.log_every_steps)
+    ckpt_every = int(tcfg.checkpoint_every_steps)
+    val_every = int(tcfg.val_every_steps)
     last = stop_at_step if stop_at_step is not None else num_steps
     last = min(last, num_steps)
     bar = progress_bar(total=num_steps, initial=start, disable=not progress, desc=f"train/{stage.name}",
@@ -344,7 +345,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
 
 
 def _non_finite_policy(tcfg) -> str:
-    policy = tcfg.get("on_non_finite", "stop")
+    policy = tcfg.on_non_finite
     if policy not in ("stop", "skip"):
         raise ValueError(f"config.train.on_non_finite must be 'stop' or 'skip', not {policy!r}")
     return policy
@@ -359,7 +360,7 @@ def _count_skipped(metrics: list[dict], step: int, skipped: int, tcfg) -> int:
         skipped += len(bad)
         print(f"warning: non-finite loss or gradient at step(s) {bad}: update skipped "
               f"({skipped} skipped so far)")
-    limit = int(tcfg.get("max_skipped_steps", 100))
+    limit = int(tcfg.max_skipped_steps)
     if skipped > limit:
         raise NonFiniteLossError(
             f"{skipped} updates skipped for a non-finite loss or gradient (last at step "
@@ -497,12 +498,6 @@ def _saved_config(ckpt) -> dict | None:
         return ckpt.restore_config()
     except Exception:  # noqa: BLE001 - an unreadable config is judged by the state restore
         return None
-
-
-def _saved_train_config(ckpt) -> dict | None:
-    """The `train` section saved with the latest checkpoint (None if unavailable)."""
-    saved = _saved_config(ckpt)
-    return saved.get("train") if saved else None
 
 
 def check_same_method(saved: dict | None, config, directory: str) -> None:

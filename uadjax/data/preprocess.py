@@ -36,6 +36,9 @@ from uadjax.data import nifti
 from uadjax.data.schema import HEALTHY, DataError
 
 NORMALISATIONS = ("percentile", "quantile", "mmccd", "none")
+# Keys of a data config that are not preprocessing settings (configs/common.py, data.py).
+NOT_PREPROCESSING = frozenset({"augment", "dataset_dir", "data_dir", "phantom_dir",
+                               "phantom_variant", "phantom_seed"})
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,19 @@ class PreprocessConfig:
 
     @classmethod
     def from_config(cls, config) -> PreprocessConfig:
-        """Builds the config from a ConfigDict/dict (unknown keys such as `augment` ignored)."""
+        """Builds the config from a data ConfigDict/dict.
+
+        Its keys are this class's fields and `NOT_PREPROCESSING` (where the data comes from,
+        augmentation); any other key is a ValueError, so a misspelt field is not ignored.
+        """
         if isinstance(config, cls):
             return config
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - NOT_PREPROCESSING)
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; preprocessing fields are "
+                             f"{sorted(names)}, the others {sorted(NOT_PREPROCESSING)}")
         kwargs = {}
         for field in dataclasses.fields(cls):
             if field.name not in values:
