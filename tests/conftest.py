@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+from uadjax import xla_flags  # noqa: E402  (after the environment, before JAX starts)
+
+xla_flags.set_cpu_flags()  # as the CLI does, so tests compute what the commands compute
+
 import pytest
 
 

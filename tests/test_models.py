@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers_models import make_apply_fn, split_model
 
 from uadjax.models import (
     UNet,
@@ -15,10 +16,8 @@ from uadjax.models import (
     count_params,
     default_unet_config,
     get_model_class,
-    make_apply_fn,
     make_model,
     register_model,
-    split_model,
 )
 from uadjax.models.layers import AttentionBlock, ResBlock, num_groups_for, timestep_embedding
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uadjax import atomic
+from uadjax import atomic, xla_flags
 
 KINDS_ORDER = ("tumour", "stroke", "ms", "wmh")
 EVAL_DIR = "eval_benchmark"
@@ -919,6 +919,7 @@ def write_budget_curve(root: str, entries, by_budget: dict, *, command: str = ""
 
 
 def main(argv=None) -> int:
+    xla_flags.set_cpu_flags()
     parser = argparse.ArgumentParser(
         prog="python -m uadjax.benchmark",
         description="Train, evaluate and rank methods on one dataset over seeds.")

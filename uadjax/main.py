@@ -21,6 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from uadjax import xla_flags
 from uadjax.data.schema import DataError
 
 MODES = ("phantom", "prepare", "train", "evaluate", "predict", "run")
@@ -137,6 +138,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run():
     """Console-script entry point (`uadjax <mode> ...`)."""
+    xla_flags.set_cpu_flags()
     app.run(main, flags_parser=parse_flags)
 
 

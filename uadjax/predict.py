@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from uadjax import atomic
-from uadjax.data import nifti, preprocess
+from uadjax.data import nifti, pipeline, preprocess
 from uadjax.data.schema import DataError
+from uadjax.progress import progress_bar
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_TAGS = ("_anomaly", "_segmentation")
@@ -103,25 +104,12 @@ def load_run(workdir: str):
     return config, load_models(config, workdir), calibration
 
 
-def volume_batches(images: np.ndarray, brain_mask: np.ndarray, batch_size: int):
-    """Evaluation-style batches of one preprocessed volume ([D, H, W, M], [D, H, W])."""
-    depth = images.shape[0]
-    for start in range(0, depth, batch_size):
-        stop = min(start + batch_size, depth)
-        pad = batch_size - (stop - start)
-
-        def padded(a, start=start, stop=stop, pad=pad):
-            return np.concatenate([a[start:stop], np.zeros((pad, *a.shape[1:]), a.dtype)])
-
-        yield {
-            "image": padded(images.astype(np.float32)),
-            "brain_mask": padded(brain_mask.astype(np.uint8)),
-            "seg": padded(np.zeros(brain_mask.shape, np.uint8)),
-            "slice_index": np.array(list(range(start, stop)) + [-1] * pad, np.int32),
-            "subject_id": np.array([b"scan"] * batch_size),
-            "kind": np.array([b"unknown"] * batch_size),
-            "valid": np.arange(batch_size) < stop - start,
-        }
+def volume_records(images: np.ndarray, brain_mask: np.ndarray) -> list[dict]:
+    """One preprocessed volume ([D, H, W, M], [D, H, W]) as the records of an evaluation
+    split, slice by slice, for `pipeline.make_eval_batches`."""
+    empty = np.zeros(brain_mask.shape[1:], np.uint8)
+    return [{"image": images[k], "brain_mask": brain_mask[k], "seg": empty, "slice_index": k,
+             "subject_id": b"scan", "kind": b"unknown"} for k in range(images.shape[0])]
 
 
 def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, calibration,
@@ -135,7 +123,8 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
         images={m: files[m] for m in config.data.modalities}, seg=None,
         brainmask=Path(brain_mask) if brain_mask else None)
     volume = preprocess.preprocess_files(subject_files, config.data)
-    batches = volume_batches(volume.images, volume.brain_mask, config.eval.batch_size)
+    batches = pipeline.make_eval_batches(volume_records(volume.images, volume.brain_mask),
+                                         batch_size=config.eval.batch_size)
     scored = score_volumes(scorer, batches, num_slices={"scan": volume.images.shape[0]})["scan"]
     pp = calibration["postprocess"]
     score = postprocess.postprocess_scores(scored.score, volume.brain_mask,
@@ -202,8 +191,6 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
                   brain_mask: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> PredictReport:
     """Runs `predict_scan` on one file or every scan of a folder."""
-    from uadjax.progress import progress_bar
-
     from uadjax import parallel
     from uadjax.inference.scoring import make_batch_scorer
     from uadjax.methods import get_method

@@ -1,17 +1,15 @@
-"""Networks (flax NNX), built eagerly by name and used functionally.
+"""Networks (flax NNX), built eagerly by name.
 
 Public API: ``make_model``, ``register_model``, ``available_models``, ``get_model_class``,
-``split_model``, ``make_apply_fn``, ``count_params``, ``UNet``, ``default_unet_config``.
+``count_params``, ``UNet``, ``default_unet_config``.
 """
 
 from uadjax.models.registry import (
     available_models,
     count_params,
     get_model_class,
-    make_apply_fn,
     make_model,
     register_model,
-    split_model,
 )
 from uadjax.models.unet import UNet, default_unet_config
 
@@ -21,8 +19,6 @@ __all__ = [
     "count_params",
     "default_unet_config",
     "get_model_class",
-    "make_apply_fn",
     "make_model",
     "register_model",
-    "split_model",
 ]

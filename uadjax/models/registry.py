@@ -10,13 +10,10 @@ picks the class and whose other fields are the constructor's keyword arguments. 
 under ``uadjax/models/`` are imported on demand when a name is not yet registered, so a new
 network only needs the decorator.
 
-Functional use (the hot path of training and inference)::
-
-    model = make_model(config.model, seed=0)
-    graphdef, params, rest = split_model(model)
-    apply_fn = make_apply_fn(graphdef)
-    y = jax.jit(apply_fn)(params, rest, x, t)             # no dropout
-    y = apply_fn(params, rest, x, t, dropout_key=key)     # dropout active
+Training and inference split a module with ``nnx.split(model, nnx.Param, ...)`` into a
+graph definition, its parameters and the rest, and merge them inside the jitted step
+(`uadjax.train.make_train_step`, `uadjax.inference.scoring.make_batch_scorer` closes over
+the merged modules).
 """
 
 from __future__ import annotations
@@ -139,45 +136,6 @@ def make_model(
     if missing:
         raise TypeError(f"Missing required field(s) {missing} for model {name!r}")
     return cls(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``nnx.split(model, nnx.Param, ...)``: (graphdef, params, rest).
-
-    ``params`` holds the trainable ``nnx.Param`` leaves (a pytree for optax and jax.grad);
-    ``rest`` everything else (batch statistics, RNG state; empty for the UNet).
-    Drop ``model`` afterwards if the states are donated to a jitted step.
-    """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest
-
-
-def make_apply_fn(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-    """A pure, jit-able apply function for models with the UNet call signature.
-
-    Returns:
-      ``apply(params, rest, x, t, cond=None, *, dropout_key=None) -> y`` which merges the
-      module inside the (possibly traced) call and evaluates
-      ``model(x, t, cond, deterministic=dropout_key is None, rngs=...)``. Dropout is active
-      only when ``dropout_key`` (a ``jax.random.key``) is given; the RNG state it uses is
-      created inside the call, so nothing leaks out and ``params``/``rest`` are not mutated.
-    """
-
-    def apply(
-        params: nnx.State,
-        rest: nnx.State,
-        x: jax.Array,
-        t: jax.Array | None,
-        cond: jax.Array | None = None,
-        *,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        model = nnx.merge(graphdef, params, rest)
-        if dropout_key is None:
-            return model(x, t, cond, deterministic=True)
-        return model(x, t, cond, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
-
-    return apply
 
 
 def count_params(params: Any) -> int:
