@@ -15,10 +15,10 @@ Usage: --config=configs/disyre.py:<size>[,modifier...]
             short      (common) the 300-step budget of the seed study
 e.g. `python -m uadjax.main run --config=configs/disyre.py:cpu --workdir=runs/disyre_cpu`.
 
-Authors' values (experiments/002D/*.json, trainer_disyre.py, reference/methods.md s. 4) are
-given at 1 mm. At 2 mm (`paper`, the resolution all methods of this project share) every
-length is halved, so the patch still covers the authors' 128 mm; at 3 mm (`cpu`) lengths are
-a third, rounded to sizes the UNet can halve.
+Authors' values (experiments/002D/*.json, trainer_disyre.py; docs/methods.md, DISYRE: the
+authors' values) are given at 1 mm. At 2 mm (`paper`, the resolution all methods of this
+project share) every length is halved, so the patch still covers the authors' 128 mm; at 3 mm
+(`cpu`) lengths are a third, rounded to sizes the UNet can halve.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Stages: 'vqvae' -> 'diffusion' (VQ-VAE frozen) -> 'calibrate' (healthy validatio
 histogram, no training); `--mode=train` runs all three, `evaluate` reads 'calibrate'.
 
 Sources. The paper body (arXiv 2206.03461) and any official code were not available to us
-(see ../shared/reference/methods.md section 2); values marked "ours" are our choices, those
+(see docs/methods.md, LDM); values marked "ours" are our choices, those
 marked "MONAI" follow the same group's MONAI GenerativeModels building blocks / tutorials.
 """
 
@@ -118,8 +118,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Stage recipes. VQ-VAE: Adam 1e-4 (MONAI tutorial), no weight EMA (the EMA codebook
     # lives outside the parameters, so an EMA of the encoder would not match it).
     config.stage_train = ml_collections.ConfigDict()
-    config.train.data_split = "train"
-    config.train.augment = True
     config.stage_train.vqvae = ml_collections.ConfigDict({"ema_decay": 0.0})
     # Calibration: one pass of batches over healthy validation slices, no augmentation.
     config.stage_train.calibrate = ml_collections.ConfigDict({

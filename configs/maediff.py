@@ -11,7 +11,7 @@ e.g. `python -m uadjax.main run --config=configs/maediff.py:cpu,short --workdir=
 No code is public and the paper body could not be read (only its abstract and the captions
 of Figures 1 and 2), so the values below are ours unless marked otherwise:
 
-* Base (MAEDiff is built on the pDDPM pipeline, methods.md section 6): the pDDPM UNet,
+* Base (MAEDiff is built on the pDDPM pipeline, docs/methods.md, MAEDiff): the pDDPM UNet,
   cosine schedule T = 1000, simplex noise, x0 objective, L1 loss inside the noised patch
   averaged over the image, single-step reconstruction at t_test 500 (index 499), training
   recipe of configs/ddpm.py; cpu: the pDDPM cpu recipe (t ~ U{200..900}, t_test 749).

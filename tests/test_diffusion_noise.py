@@ -63,7 +63,7 @@ def test_simplex_statistics(hw):
     n = D.simplex_noise(jax.random.key(0), (48, hw, hw, 1), shared_across_batch=False)
     assert n.shape == (48, hw, hw, 1) and n.dtype == jnp.float32
     per_map_std = np.asarray(jnp.std(n, axis=(1, 2, 3)))
-    assert 0.45 < per_map_std.mean() < 0.65  # not normalised: ~0.55 (methods.md 1.1)
+    assert 0.45 < per_map_std.mean() < 0.65  # not normalised: ~0.55 (AnoDDPM-style octave noise)
     assert per_map_std.min() > 0.3 and per_map_std.max() < 0.8
     map_means = np.asarray(jnp.mean(n, axis=(1, 2, 3)))  # the low octaves give each map an offset
     assert abs(map_means.mean()) < 3 * map_means.std() / np.sqrt(len(map_means))

@@ -38,7 +38,7 @@ def test_severity_schedule_closed_form():
 
 def test_severity_to_t_is_the_nearest_label():
     table = disyre.severity_schedule(disyre_configs.get_config("paper").disyre)
-    # The authors' examples (reference/methods.md 4.1): strong anomalies get small t.
+    # The authors' examples (docs/methods.md, DISYRE): strong anomalies get small t.
     alphas = np.array([0.99, 0.9, 0.75, 0.5, 0.25, 0.1, 0.05, 0.01, 0.0])
     np.testing.assert_array_equal(disyre.severity_to_t(jnp.asarray(alphas), table),
                                   [3, 13, 23, 36, 51, 65, 74, 92, 99])

@@ -1,8 +1,8 @@
 """Evaluation: score maps -> post-processing -> thresholds -> metrics -> report.
 
 Method-agnostic: it sees reassembled score volumes [D, H, W] (`ScoredVolume`), never a network.
-The protocol follows Behrendt et al. (methods.md §3.5), with the literature's alternatives
-reported beside it and labelled:
+The protocol follows Behrendt et al. (docs/methods.md, Evaluation protocol), with the
+literature's alternatives reported beside it and labelled:
   - post-processing: eroded brain mask, 3D median filter; connected-component filter on the
     binary map (each switchable in `config.eval`);
   - threshold 'val': greedy search on the lesion validation volumes of the same lesion kind
@@ -325,7 +325,8 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
         "method": config.method, "modalities": list(config.data.modalities),
         "checkpoints": checkpoint_steps,
         "reconstruction": reconstruction_summary(split_volumes),
-        "spacing_mm": sorted(set(spacing.values())), "results": all_results, "calibration": calibration,
+        "spacing_mm": sorted(set(spacing.values())), "results": all_results,
+        "calibration": calibration,
         "timing": {"score_seconds": score_seconds, "compile_seconds": compile_seconds,
                    "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),

@@ -4,7 +4,7 @@ Volumes are ``[D, H, W]`` arrays (``D`` = axial slices); scores are float, masks
 (any non-zero value counts as True). Every metric is checked against scikit-learn or
 SciPy in ``tests/test_metrics.py``.
 
-Conventions (see methods.md §3.5 and §8):
+Conventions (see docs/methods.md, Evaluation protocol and Evaluation conventions):
 
 * Binary metrics (Dice, precision, recall, Jaccard) return ``nan`` when undefined
   (0/0: e.g. Dice with both masks empty, precision with an empty prediction).
