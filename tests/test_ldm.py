@@ -99,7 +99,7 @@ def test_normal_kl_matches_quadrature(m1, v1, m2, v2):
     logq = -0.5 * np.log(2 * np.pi * v1) - (x - m1) ** 2 / (2 * v1)
     logp = -0.5 * np.log(2 * np.pi * v2) - (x - m2) ** 2 / (2 * v2)
     numeric = np.trapezoid(np.exp(logq) * (logq - logp), x)
-    closed = float(ldm.normal_kl(m1, np.log(v1), m2, np.log(v2)))
+    closed = float(diffusion.normal_kl(m1, np.log(v1), m2, np.log(v2)))
     np.testing.assert_allclose(closed, numeric, rtol=1e-5, atol=1e-8)
 
 
@@ -111,7 +111,7 @@ def test_kl_terms_match_a_monte_carlo_estimate():
     noise = jax.random.normal(jax.random.key(1), z0.shape)
     t = jnp.array([20])
     model_fn = Halver()
-    closed = np.asarray(ldm.kl_terms(model_fn, schedule, z0=z0, t=t, noise=noise,
+    closed = np.asarray(diffusion.kl_terms(model_fn, schedule, z0=z0, t=t, noise=noise,
                                      prediction_type="x0"))
     z_t = diffusion.q_sample(schedule, x0=z0, t=t, noise=noise)
     mean_q, var, _ = diffusion.q_posterior(schedule, x0=z0, x_t=z_t, t=t)
@@ -131,7 +131,7 @@ def test_latent_kl_map_sweep_matches_a_loop():
     timesteps = (10, 50, 200, 400)
     key = jax.random.key(3)
     noise = jax.random.normal(key, z0.shape)
-    loop = np.mean([np.asarray(jnp.sum(ldm.kl_terms(
+    loop = np.mean([np.asarray(jnp.sum(diffusion.kl_terms(
         Halver(), schedule, z0=z0, t=jnp.full((2,), t), noise=noise), axis=-1))
         for t in timesteps], axis=0)
     for chunk in (None, 1, 3):

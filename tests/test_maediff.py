@@ -13,7 +13,7 @@ from helpers_methods import Halver, perturbed, random_batch, run_tiny_end_to_end
 
 from configs import maediff as maediff_configs
 from uadjax import diffusion
-from uadjax.methods import ddpm, get_method, maediff
+from uadjax.methods import get_method, maediff, shared
 from uadjax.models import maediff as mae_models
 from uadjax.models import make_model
 
@@ -237,8 +237,8 @@ def test_loss_counts_only_the_patch():
 def _loop_reconstruction(model, x0, key, config):
     """One network call per (t, position) in Python, overlaps averaged by hand."""
     dcfg, pcfg = config.diffusion, config.patch
-    schedule = ddpm.make_schedule(config)
-    noise_fn = ddpm.make_noise_fn(dcfg)
+    schedule = shared.schedule_of(config)
+    noise_fn = shared.noise_fn_of(dcfg)
     call = nnx.jit(lambda m, x, t, v: m(x, t, v))
     b, height, width, _ = x0.shape
     rows = list(range(0, height - pcfg.size + 1, pcfg.stride))

@@ -11,7 +11,7 @@ from helpers_methods import Halver, random_batch
 from configs import ddpm as ddpm_configs
 from configs import threshold as threshold_configs
 from uadjax import diffusion
-from uadjax.methods import available_methods, ddpm, get_method, threshold
+from uadjax.methods import available_methods, ddpm, get_method, shared, threshold
 
 
 def test_registry():
@@ -21,13 +21,45 @@ def test_registry():
         get_method("nope")
 
 
+def test_no_method_module_imports_another_method():
+    """A method module imports `base`, `shared`, diffusion, inference and models, never
+    another method (what methods share lives in `uadjax/methods/shared.py`)."""
+    import ast
+    import pathlib
+
+    import uadjax.methods as methods_pkg
+
+    folder = pathlib.Path(methods_pkg.__file__).parent
+    methods = set(available_methods())
+    allowed = {"base", "shared"}
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "uadjax.methods":
+                    imported |= {a.name for a in node.names}
+                elif node.module.startswith("uadjax.methods."):
+                    imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[2] for a in node.names
+                             if a.name.startswith("uadjax.methods.")}
+        if path.stem == "__init__":
+            continue
+        others = (imported & methods) - {path.stem}
+        assert not others, f"{path.name} imports the method module(s) {sorted(others)}"
+        outside = {n for n in imported if n not in methods} - allowed
+        assert not outside, f"{path.name} imports {sorted(outside)} from uadjax.methods"
+    assert {"base", "shared"}.isdisjoint(methods)
+
+
 def test_single_step_ensemble_equals_a_loop():
     config = ddpm_configs.get_config("tiny,ens")
     batch = random_batch(np.random.default_rng(0))
     key = jax.random.key(3)
     out = ddpm.score_fn({"diffusion": Halver()}, batch, key, config)
-    schedule = ddpm.make_schedule(config)
-    noise_fn = ddpm.make_noise_fn(config.diffusion)
+    schedule = shared.schedule_of(config)
+    noise_fn = shared.noise_fn_of(config.diffusion)
     x0 = batch["image"] * 2 - 1
     keys = jax.random.split(key, 3)
     recs = []
@@ -61,8 +93,8 @@ def test_loss_uses_the_configured_t_range_and_noise():
     loss, _ = ddpm.loss_fn(Halver(), batch, key, config)
     x0 = batch["image"] * 2 - 1
     _, k_noise, _ = jax.random.split(key, 3)
-    noise = ddpm.make_noise_fn(config.diffusion)(k_noise, x0.shape)
-    x_t = diffusion.q_sample(ddpm.make_schedule(config), x0=x0, t=jnp.full((2,), 10),
+    noise = shared.noise_fn_of(config.diffusion)(k_noise, x0.shape)
+    x_t = diffusion.q_sample(shared.schedule_of(config), x0=x0, t=jnp.full((2,), 10),
                              noise=noise)
     assert float(loss) == pytest.approx(float(jnp.mean(jnp.abs(x_t * 0.5 - x0))), rel=1e-5)
 

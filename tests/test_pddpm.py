@@ -11,7 +11,7 @@ from helpers_methods import Halver, perturbed, random_batch, run_tiny_end_to_end
 
 from configs import pddpm as pddpm_configs
 from uadjax import diffusion
-from uadjax.methods import ddpm, get_method, pddpm
+from uadjax.methods import get_method, pddpm, shared
 from uadjax.models import make_model
 
 
@@ -72,12 +72,12 @@ def test_bad_geometry_raises(size, stride, match):
 
 def test_random_training_boxes_stay_inside():
     config = pddpm_configs.get_config("tiny,overlap")
-    corners = pddpm.sample_boxes(jax.random.key(0), 500, (16, 16), config.patch)
+    corners = shared.sample_boxes(jax.random.key(0), 500, (16, 16), config.patch)
     assert corners.min() >= 0 and corners.max() <= 16 - config.patch.size
     assert len({tuple(c) for c in np.asarray(corners)}) > 20
     config.patch.train_positions = "everywhere"
     with pytest.raises(ValueError, match="train_positions"):
-        pddpm.sample_boxes(jax.random.key(0), 2, (16, 16), config.patch)
+        shared.sample_boxes(jax.random.key(0), 2, (16, 16), config.patch)
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def test_loss_ignores_predictions_outside_the_box():
 def _loop_reconstruction(model, x0, key, config):
     """One network call per (t, position), stitched by hand; x0 [B, H, W, C] in [-1, 1]."""
     dcfg, pcfg = config.diffusion, config.patch
-    schedule = ddpm.make_schedule(config)
-    noise_fn = ddpm.make_noise_fn(dcfg)
+    schedule = shared.schedule_of(config)
+    noise_fn = shared.noise_fn_of(dcfg)
     call = nnx.jit(lambda m, x, t: m(x, t))
     masks = pddpm.patch_masks(x0.shape[1:3], pcfg.size, pcfg.stride)
     keys = jax.random.split(key, len(dcfg.test_timesteps))

@@ -14,6 +14,7 @@ from uadjax.diffusion.forward import (
     x0_from_eps,
     x0_from_v,
 )
+from uadjax.diffusion.likelihood import kl_terms, normal_kl
 from uadjax.diffusion.noise import (
     gaussian_noise,
     opensimplex2,
@@ -56,9 +57,11 @@ __all__ = [
     "eps_from_x0",
     "extract",
     "gaussian_noise",
+    "kl_terms",
     "get_schedule",
     "linear_betas",
     "make_schedule",
+    "normal_kl",
     "opensimplex2",
     "opensimplex3",
     "opensimplex_perm",

@@ -208,11 +208,14 @@ def sample_loop(
     clip_x0: float | tuple[float, float] | None = None,
     noise_fn: NoiseFn = gaussian_noise,
     variance: str = "fixed_small",
+    after_step: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Runs the reverse chain over `timesteps` with a `lax.scan` (one compiled body).
 
     Step i goes from t = timesteps[i] to t_prev = timesteps[i + 1] (-1 after the last) and
-    uses the key `jax.random.fold_in(key, i)`.
+    uses the key `jax.random.fold_in(key, i)`. `after_step(x, i, t_prev) -> x`, when given,
+    edits each step's result inside the scan (e.g. LDM's masked resampling puts the known
+    positions back).
 
     Args:
         model_fn: `model_fn(x_t [B, H, W, C], t [B] int32) -> prediction [B, H, W, C]`.
@@ -273,6 +276,8 @@ def sample_loop(
                 noise_fn=noise_fn,
                 clip_x0=clip_x0,
             )
+        if after_step is not None:
+            x = after_step(x, i, t_prev)
         return x, None
 
     x, _ = jax.lax.scan(body, x_T, (jnp.arange(n, dtype=jnp.int32), ts, ts_prev))

@@ -10,8 +10,12 @@ from uadjax.methods.base import Method, Stage
 __all__ = ["Method", "Stage", "available_methods", "get_method"]
 
 
+# Modules of this package that are not methods: the Method type and what methods share.
+NOT_METHODS = frozenset({"base", "shared"})
+
+
 def available_methods() -> list[str]:
-    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"]
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_METHODS]
     return sorted(names)
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uadjax.methods import ddpm
+from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage
 from uadjax.models import make_model
 from uadjax.models.layers import linear
@@ -72,7 +72,7 @@ def pretrain_loss_fn(model: SparKPretrainer, batch, key, config):
 def diffusion_loss_fn(model: ConditionedDenoiser, batch, key, config):
     """DDPM loss of the conditioned UNet; the encoder is trained through c."""
     cond = model.condition(batch["image"])
-    return ddpm.denoising_loss(
+    return shared.denoising_loss(
         lambda x_t, t, rngs: model(x_t, t, cond, deterministic=False, rngs=rngs),
         batch, key, config)
 
@@ -88,9 +88,10 @@ def score_fn(models, batch, key, config):
     model = models["diffusion"]
     image = batch["image"]
     cond = model.condition(image)
-    model_fn = ddpm.model_fn_of(model.unet, cond)
-    rec = (ddpm.reconstruct(model_fn, ddpm.to_model_range(image), key, config) + 1.0) / 2.0
-    return ddpm.residual_score(image, rec, config)
+    model_fn = shared.model_fn_of(model.unet, cond)
+    rec = shared.from_model_range(
+        shared.reconstruct(model_fn, shared.to_model_range(image), key, config))
+    return shared.residual_score(image, rec, config)
 
 
 METHOD = Method(
@@ -104,5 +105,5 @@ METHOD = Method(
     score_fn=score_fn,
     score_stages=("diffusion",),
     network_evaluations=lambda config: {"encoder": 1,
-                                        "unet": ddpm.denoising_passes(config.diffusion)},
+                                        "unet": shared.denoising_passes(config.diffusion)},
 )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uadjax.methods import ae
+from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage, residual_score
 from uadjax.models import make_model
 
@@ -93,7 +93,7 @@ def loss_fn(model, batch, key, config):
     mask = None
     if dcfg.loss_in_brain:
         mask = (batch["brain_mask"][..., None] > 0).astype(jnp.float32)
-    return ae.reconstruction_loss(reconstruction, image, dcfg.loss, mask=mask), {}
+    return shared.reconstruction_loss(reconstruction, image, dcfg.loss, mask=mask), {}
 
 
 def score_fn(models, batch, key, config):

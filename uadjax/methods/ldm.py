@@ -41,7 +41,7 @@ from flax import nnx
 
 from uadjax import diffusion
 from uadjax.inference.sweep import sweep, weighted_mean
-from uadjax.methods import ddpm
+from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage
 from uadjax.models import make_model
 
@@ -146,37 +146,6 @@ def init_from_diffusion(model: Calibrated, earlier: dict) -> None:
 # ------------------------------------------------------------------------------ maths
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) element-wise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def kl_terms(model_fn, schedule, *, z0, t, noise, prediction_type="eps", clip_x0=None):
-    """Per-element KL(q(z_{t-1} | z_t, z0) || p(z_{t-1} | z_t)) at one timestep.
-
-    Args:
-      model_fn: (z_t [B, h, w, D], t [B]) -> the network's prediction.
-      schedule: the diffusion schedule.
-      z0: [B, h, w, D] clean latents.
-      t: [B] int timesteps, t >= 1 (at t = 0 the ELBO term is the decoder likelihood).
-      noise: [B, h, w, D] the forward noise giving z_t.
-      prediction_type: 'eps', 'x0' or 'v'.
-      clip_x0: optional clip of the model's x0 estimate.
-
-    Returns:
-      [B, h, w, D] KL in nats. p has the fixed-small (posterior) variance, as q.
-    """
-    z_t = diffusion.q_sample(schedule, x0=z0, t=t, noise=noise)
-    pred = model_fn(z_t, t)
-    x0_hat = diffusion.clip_x0_fn(
-        diffusion.to_x0(schedule, prediction=pred, x_t=z_t, t=t,
-                        prediction_type=prediction_type), clip_x0)
-    mean_q, _, logvar = diffusion.q_posterior(schedule, x0=z0, x_t=z_t, t=t)
-    mean_p, _, _ = diffusion.q_posterior(schedule, x0=x0_hat, x_t=z_t, t=t)
-    return normal_kl(mean_q, logvar, mean_p, logvar)
-
-
 def latent_kl_map(model_fn, schedule, *, z0, timesteps, key, prediction_type="eps",
                   clip_x0=None, chunk_size=None):
     """Mean over `timesteps` of the channel-summed KL terms: z0 [B, h, w, D] -> [B, h, w].
@@ -189,7 +158,7 @@ def latent_kl_map(model_fn, schedule, *, z0, timesteps, key, prediction_type="ep
 
     def one_t(t_value):
         t = jnp.full((z0.shape[0],), t_value, jnp.int32)
-        kl = kl_terms(model_fn, schedule, z0=z0, t=t, noise=noise,
+        kl = diffusion.kl_terms(model_fn, schedule, z0=z0, t=t, noise=noise,
                       prediction_type=prediction_type, clip_x0=clip_x0)
         return jnp.sum(kl, axis=-1)
 
@@ -232,36 +201,24 @@ def masked_resample(model_fn, schedule, *, z0, mask, t_start, key, prediction_ty
         timesteps = diffusion.respaced_timesteps(t_start + 1, int(num_steps))
     else:
         timesteps = np.arange(t_start, -1, -1, dtype=np.int32)
-    ts = jnp.asarray(timesteps, jnp.int32)
-    ts_prev = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
     batch = z0.shape[0]
     keep = mask[..., None]
     k0, k1 = jax.random.split(key)
     x_start = diffusion.q_sample(schedule, x0=z0, t=jnp.full((batch,), t_start, jnp.int32),
                                  noise=jax.random.normal(k0, z0.shape, z0.dtype))
 
-    def body(x, inputs):
-        i, t, t_prev = inputs
-        tb = jnp.full((batch,), t, jnp.int32)
-        pred = model_fn(x, tb)
-        x0_hat = diffusion.to_x0(schedule, prediction=pred, x_t=x, t=tb,
-                                 prediction_type=prediction_type)
-        k = jax.random.fold_in(k1, i)
-        if sampler == "ddpm":
-            x = diffusion.ddpm_step(schedule, x_t=x, t=tb, x0_pred=x0_hat, key=k,
-                                    clip_x0=clip_x0)
-        else:
-            x = diffusion.ddim_step(schedule, x_t=x, t=tb,
-                                    t_prev=jnp.full((batch,), t_prev, jnp.int32),
-                                    x0_pred=x0_hat, eta=eta, key=k, clip_x0=clip_x0)
+    def replace_known(x, i, t_prev):
+        """After step i: the unmasked positions become z0 noised to t_prev (z0 at -1)."""
         prev = jnp.full((batch,), jnp.maximum(t_prev, 0), jnp.int32)
         noised = diffusion.q_sample(
             schedule, x0=z0, t=prev,
             noise=jax.random.normal(jax.random.fold_in(k0, i + 1), z0.shape, z0.dtype))
         known = jnp.where(t_prev >= 0, noised, z0)
-        return jnp.where(keep, x, known), None
+        return jnp.where(keep, x, known)
 
-    x, _ = jax.lax.scan(body, x_start, (jnp.arange(ts.shape[0], dtype=jnp.int32), ts, ts_prev))
+    x = diffusion.sample_loop(model_fn, schedule, x_T=x_start, timesteps=timesteps, key=k1,
+                              sampler=sampler, eta=eta, prediction_type=prediction_type,
+                              clip_x0=clip_x0, after_step=replace_known)
     return x
 
 
@@ -346,10 +303,10 @@ def diffusion_loss_fn(model: LatentDiffusion, batch, key, config):
     scale = jnp.where(scale > 0, scale, 1.0 / jnp.maximum(jnp.std(z_q), 1e-6))
     model.latent_scale[...] = scale
     z0 = scale * z_q
-    schedule = ddpm.make_schedule(config)
+    schedule = shared.schedule_of(config)
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t = ddpm.sample_train_t(k_t, z0.shape[0], dcfg)
-    noise = ddpm.make_noise_fn(dcfg)(k_noise, z0.shape)
+    t = shared.sample_train_t(k_t, z0.shape[0], dcfg)
+    noise = shared.noise_fn_of(dcfg)(k_noise, z0.shape)
     z_t = diffusion.q_sample(schedule, x0=z0, t=t, noise=noise)
     pred = model.unet(z_t, t, deterministic=False, rngs=nnx.Rngs(dropout=k_drop))
     target = diffusion.target_for(dcfg.prediction, z0, noise, schedule, t)
@@ -359,7 +316,7 @@ def diffusion_loss_fn(model: LatentDiffusion, batch, key, config):
 def _kl_map(ldm: LatentDiffusion, z0, key, config):
     lcfg = config.ldm
     return latent_kl_map(
-        ddpm.model_fn_of(ldm.unet), ddpm.make_schedule(config), z0=z0,
+        shared.model_fn_of(ldm.unet), shared.schedule_of(config), z0=z0,
         timesteps=lcfg.kl_timesteps, key=key, prediction_type=config.diffusion.prediction,
         clip_x0=lcfg.get("clip_x0", None), chunk_size=lcfg.get("sweep_chunk", None))
 
@@ -400,7 +357,7 @@ def anomaly_maps(model: Calibrated, batch, key, config) -> dict:
     kl = _kl_map(ldm, z0, k_kl, config)
     mask = kl > kl_threshold(model, config)
     healed_z = masked_resample(
-        ddpm.model_fn_of(ldm.unet), ddpm.make_schedule(config), z0=z0, mask=mask,
+        shared.model_fn_of(ldm.unet), shared.schedule_of(config), z0=z0, mask=mask,
         t_start=lcfg.resample_t_start, key=k_res, prediction_type=config.diffusion.prediction,
         sampler=lcfg.resample_sampler, num_steps=lcfg.get("resample_num_steps", None),
         eta=lcfg.get("resample_eta", 1.0), clip_x0=lcfg.get("clip_x0", None))
@@ -432,7 +389,7 @@ METHOD = Method(
     score_stages=("calibrate",),
     network_evaluations=lambda config: {
         "vq-vae encoder": 1, "vq-vae decoder": 1,
-        "latent unet": len(config.ldm.kl_timesteps) + ddpm.sampler_steps(
+        "latent unet": len(config.ldm.kl_timesteps) + shared.sampler_steps(
             int(config.ldm.resample_t_start), config.ldm.resample_sampler,
             config.ldm.get("resample_num_steps", None))},
 )

@@ -22,7 +22,7 @@ Score: for each t in `diffusion.test_timesteps` the patch slides horizontally an
 with step s (`patch.stride`; the last position flush with the border); each position is
 noised alone (one noise map per t, shared by all positions as in pDDPM) and reconstructed;
 the reconstructions are averaged where they overlap, pixel value
-sum_k pred_k * mask_k / sum_k mask_k (coverage-weighted, `pddpm.stitch`), then over t. All
+sum_k pred_k * mask_k / sum_k mask_k (coverage-weighted, `shared.stitch`), then over t. All
 (t, position) variants are one `sweep` (vmap, chunked by `diffusion.sweep_chunk`).
 score = mean over channels of |x - rec| (squared with `diffusion.residual = 'l2'`).
 """
@@ -38,20 +38,8 @@ from flax import nnx
 
 from uadjax import diffusion
 from uadjax.inference.patches import box_masks, patch_positions
+from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage
-from uadjax.methods.ddpm import (
-    make_noise_fn,
-    make_schedule,
-    residual_score,
-    sample_train_t,
-    to_model_range,
-)
-from uadjax.methods.pddpm import (
-    LOSS_REDUCTIONS,
-    noise_patch,
-    patch_sweep_reconstruct,
-    sample_boxes,
-)
 from uadjax.models import make_model
 
 # ------------------------------------------------------------------------------------------
@@ -84,7 +72,7 @@ def sliding_corners(image_hw, pcfg) -> np.ndarray:
     """Top-left pixel corners of the test-time sliding positions -> [P, 2] int32 (numpy).
 
     Rows and columns 0, s, 2s, ... and a last position flush with the border; all multiples
-    of r (`pddpm.patch_positions` on the token grid, times r).
+    of r (`patch_positions` on the token grid, times r).
     """
     grid_h, grid_w, size, stride = token_geometry(image_hw, pcfg)
     return (patch_positions((grid_h, grid_w), size, stride) * int(pcfg.sub_size)).astype(
@@ -119,19 +107,20 @@ def sample_corners(key, batch_size: int, image_hw, pcfg) -> jax.Array:
     """Training patch corners [B, 2] int32 (pixels, multiples of r).
 
     'grid': one of the `sliding_corners` uniformly; 'random': a uniform r-aligned corner
-    (`pddpm.sample_boxes` on the token grid, times r).
+    (`shared.sample_boxes` on the token grid, times r).
     """
     grid_h, grid_w, size, stride = token_geometry(image_hw, pcfg)
     token_cfg = types.SimpleNamespace(size=size, stride=stride,
                                       train_positions=pcfg.train_positions)
-    return sample_boxes(key, batch_size, (grid_h, grid_w), token_cfg) * int(pcfg.sub_size)
+    corners = shared.sample_boxes(key, batch_size, (grid_h, grid_w), token_cfg)
+    return corners * int(pcfg.sub_size)
 
 
 def _check_config(config) -> None:
     pcfg = config.patch
-    if pcfg.loss_reduction not in LOSS_REDUCTIONS:
+    if pcfg.loss_reduction not in shared.LOSS_REDUCTIONS:
         raise ValueError(f"unknown patch.loss_reduction {pcfg.loss_reduction!r}; "
-                         f"use one of {sorted(LOSS_REDUCTIONS)}")
+                         f"use one of {sorted(shared.LOSS_REDUCTIONS)}")
     token_size = config.model.get("token_size", pcfg.sub_size)
     if token_size != pcfg.sub_size:
         raise ValueError(f"model.token_size {token_size} != patch.sub_size {pcfg.sub_size}: "
@@ -153,15 +142,15 @@ def loss_fn(model, batch, key, config):
     """
     _check_config(config)
     dcfg, pcfg = config.diffusion, config.patch
-    schedule = make_schedule(config)
-    x0 = to_model_range(batch["image"])
+    schedule = shared.schedule_of(config)
+    x0 = shared.to_model_range(batch["image"])
     batch_size, height, width, _ = x0.shape
     k_t, k_noise, k_box, k_drop = jax.random.split(key, 4)
-    t = sample_train_t(k_t, batch_size, dcfg)
-    noise = make_noise_fn(dcfg)(k_noise, x0.shape)
+    t = shared.sample_train_t(k_t, batch_size, dcfg)
+    noise = shared.noise_fn_of(dcfg)(k_noise, x0.shape)
     corners = sample_corners(k_box, batch_size, (height, width), pcfg)
     mask = box_masks(corners, (height, width), pcfg.size)[..., None]  # [B, H, W, 1]
-    x_t = noise_patch(schedule, x0=x0, t=t, noise=noise, mask=mask)
+    x_t = shared.noise_patch(schedule, x0=x0, t=t, noise=noise, mask=mask)
     visible = visible_tokens(corners, (height, width), pcfg)
     prediction = model(x_t, t, visible, deterministic=False, rngs=nnx.Rngs(dropout=k_drop))
     target = diffusion.target_for(dcfg.prediction, x0, noise, schedule, t)
@@ -169,7 +158,8 @@ def loss_fn(model, batch, key, config):
     if dcfg.get("loss_in_brain", False):
         weights = weights * batch["brain_mask"][..., None].astype(jnp.float32)
     loss = diffusion.diffusion_loss(prediction, target, kind=dcfg.loss, mask=weights,
-                                    mask_reduction=LOSS_REDUCTIONS[pcfg.loss_reduction])
+                                    mask_reduction=shared.LOSS_REDUCTIONS[
+                                        pcfg.loss_reduction])
     return loss, {}
 
 
@@ -179,7 +169,7 @@ def loss_fn(model, batch, key, config):
 def reconstruct(model, x0, key, config):
     """Sliding-patch reconstruction of x0 [B, H, W, C] in [-1, 1] -> [B, H, W, C] in [-1, 1].
 
-    pDDPM's sweep over (t, position) (`pddpm.patch_sweep_reconstruct`) on the sliding
+    pDDPM's sweep over (t, position) (`shared.patch_sweep_reconstruct`) on the sliding
     positions, each prediction given the visible cells of its patch; overlapping positions
     are averaged with coverage weights, then the T values.
     """
@@ -194,7 +184,7 @@ def reconstruct(model, x0, key, config):
     def predict(x_t, t, position):
         return model(x_t, t, jnp.broadcast_to(visible[position], (batch_size, visible.shape[1])))
 
-    return patch_sweep_reconstruct(predict, x0, masks, key, config)
+    return shared.patch_sweep_reconstruct(predict, x0, masks, key, config)
 
 
 def score_fn(models, batch, key, config):
@@ -203,8 +193,9 @@ def score_fn(models, batch, key, config):
     batch['image'] [B, H, W, C] in [0, 1]; the reconstruction is in the same units.
     """
     image = batch["image"]
-    rec = (reconstruct(models["diffusion"], to_model_range(image), key, config) + 1.0) / 2.0
-    return residual_score(image, rec, config)
+    rec = shared.from_model_range(
+        reconstruct(models["diffusion"], shared.to_model_range(image), key, config))
+    return shared.residual_score(image, rec, config)
 
 
 def network_evaluations(config) -> dict[str, float]:

@@ -4,7 +4,8 @@ Training: the AE's network with `variational=True` encodes N(mu, diag(sigma^2)),
 reparameterised sample, and minimises
 
     loss = recon + kl_weight * KL,
-    recon = mean over pixels and channels of the L1 / L2 error (as the AE, `ae.py`),
+    recon = mean over pixels and channels of the L1 / L2 error (as the AE,
+            `shared.reconstruction_loss`),
     KL    = mean over the batch of KL(N(mu, sigma^2) || N(0, I)) summed over latent dims.
 
 Sum/mean convention: the KL is the divergence of each slice's whole latent (summed over its
@@ -23,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uadjax.methods import ae
+from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage
 
 
 def make_vae(config, rngs: nnx.Rngs) -> nnx.Module:
-    return ae.make_autoencoder(config, rngs, variational=True)
+    return shared.make_autoencoder(config, rngs, variational=True)
 
 
 def gaussian_kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -58,14 +59,14 @@ def loss_fn(model, batch, key, config):
     """ELBO-style loss of healthy slices -> (loss, {'recon', 'kl'}) (see the module doc)."""
     image = batch["image"]
     out = model(image, key=key)
-    recon = ae.reconstruction_loss(out["reconstruction"], image, config.autoencoder.loss)
+    recon = shared.reconstruction_loss(out["reconstruction"], image, config.autoencoder.loss)
     kl = jnp.mean(gaussian_kl(out["mu"], out["logvar"]))
     return recon + kl_weight_of(config) * kl, {"recon": recon, "kl": kl}
 
 
 METHOD = Method(
     name="vae",
-    stages=(Stage(name=ae.STAGE, make_model=make_vae, loss_fn=loss_fn),),
-    score_fn=ae.score_fn,
+    stages=(Stage(name=shared.AE_STAGE, make_model=make_vae, loss_fn=loss_fn),),
+    score_fn=shared.autoencoder_score,
     network_evaluations=lambda config: {"autoencoder": 1},
 )
