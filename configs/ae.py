@@ -50,10 +50,7 @@ def get_base_config(arg: str | None, *, method: str, variational: bool,
     Returns (config, size, modifiers left for the caller); the caller applies
     `common.apply_common_modifiers` last.
     """
-    size, modifiers = common.split_variant(arg)
-    unknown = modifiers - MODIFIERS - extra_modifiers - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown {method} config modifiers {sorted(unknown)}")
+    size, modifiers = common.parse_variant(arg, method, MODIFIERS | extra_modifiers)
     config = common.base_config(size)
     config.method = method
     if "flair" in modifiers:

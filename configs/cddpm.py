@@ -23,10 +23,7 @@ MODIFIERS = {"ens", "nopretrain", "code"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
-    unknown = modifiers - MODIFIERS - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown cddpm config modifiers {sorted(unknown)}")
+    size, modifiers = common.parse_variant(arg, "cddpm", MODIFIERS)
     # The DDPM config (same UNet, noise, schedule, single-step protocol and CPU recipe).
     config = ddpm.get_config(",".join([size] + sorted(modifiers & {"ens"})))
     config.method = "cddpm"

@@ -33,6 +33,24 @@ def split_variant(arg: str | None, default: str = "paper") -> tuple[str, set[str
     return size, modifiers
 
 
+def check_modifiers(method: str, modifiers: set[str], allowed) -> None:
+    """Raises ValueError naming the modifiers that are neither `allowed` (the method's own)
+    nor common to all methods (`COMMON_MODIFIERS`)."""
+    unknown = set(modifiers) - set(allowed) - COMMON_MODIFIERS
+    if unknown:
+        raise ValueError(f"unknown {method} config modifiers {sorted(unknown)}; "
+                         f"{method} takes {sorted(set(allowed))}, every method "
+                         f"{sorted(COMMON_MODIFIERS)}")
+
+
+def parse_variant(arg: str | None, method: str, allowed=()) -> tuple[str, set[str]]:
+    """'cpu,ens' -> ('cpu', {'ens'}) after `check_modifiers`: the one place a config's
+    argument is parsed and checked."""
+    size, modifiers = split_variant(arg)
+    check_modifiers(method, modifiers, allowed)
+    return size, modifiers
+
+
 def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str]) -> set[str]:
     """Applies the modifiers shared by all methods; returns the ones left for the method.
 

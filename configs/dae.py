@@ -68,10 +68,7 @@ def dae_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
-    unknown = modifiers - MODIFIERS - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown dae config modifiers {sorted(unknown)}")
+    size, modifiers = common.parse_variant(arg, "dae", MODIFIERS)
     config = common.base_config(size)
     config.method = "dae"
     if "flair" in modifiers:

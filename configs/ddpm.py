@@ -59,8 +59,11 @@ def diffusion_config(size: str) -> ml_collections.ConfigDict:
     return d
 
 
+MODIFIERS = frozenset({"ens", "gaussian", "anoddpm", "flair"})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
+    size, modifiers = common.parse_variant(arg, "ddpm", MODIFIERS)
     config = common.base_config(size)
     config.method = "ddpm"
     if "flair" in modifiers:
@@ -90,8 +93,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.train_t_range = (0, 799)
         d.score_mode = "partial"
         d.residual = "l2"
-    unknown = modifiers - {"ens", "gaussian", "anoddpm", "flair"} - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown ddpm config modifiers {sorted(unknown)}")
     common.apply_common_modifiers(config, modifiers)
     return config

@@ -124,10 +124,7 @@ def disyre_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
-    unknown = modifiers - MODIFIERS - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown disyre config modifiers {sorted(unknown)}")
+    size, modifiers = common.parse_variant(arg, "disyre", MODIFIERS)
     config = common.base_config(size)
     config.method = "disyre"
     if size == "paper":

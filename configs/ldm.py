@@ -60,10 +60,7 @@ def vqvae_config(size: str, channels: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
-    unknown = modifiers - MODIFIERS - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown ldm config modifiers {sorted(unknown)}")
+    size, modifiers = common.parse_variant(arg, "ldm", MODIFIERS)
     config = common.base_config(size)
     config.method = "ldm"
     channels = len(config.data.modalities)

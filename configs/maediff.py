@@ -78,8 +78,11 @@ def model_config(size: str, channels: int, patch: ml_collections.ConfigDict):
     return m
 
 
+MODIFIERS = frozenset({"ens", "grid"})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
+    size, modifiers = common.parse_variant(arg, "maediff", MODIFIERS)
     config = common.base_config(size)
     config.method = "maediff"
     channels = len(config.data.modalities)
@@ -99,8 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.test_timesteps = (249, 499, 749)  # t {250, 500, 750}, 0-based
     if "grid" in modifiers:
         config.patch.stride = config.patch.size
-    unknown = modifiers - {"ens", "grid"} - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown maediff config modifiers {sorted(unknown)}")
     common.apply_common_modifiers(config, modifiers)
     return config

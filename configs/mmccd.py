@@ -79,9 +79,7 @@ def _pair(modifiers: set[str]) -> tuple[tuple[str, str], set[str]]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size, modifiers = common.split_variant(arg)
     (source, target), modifiers = _pair(modifiers)
-    unknown = modifiers - {"cyclic"} - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown mmccd config modifiers {sorted(unknown)}")
+    common.check_modifiers("mmccd", modifiers, {"cyclic", *SOURCE_ONLY, "<source>-<target>"})
     cyclic = "cyclic" in modifiers
     config = common.base_config(size)
     config.method = "mmccd"

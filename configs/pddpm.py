@@ -32,8 +32,11 @@ def patch_config(size: str) -> ml_collections.ConfigDict:
     return p
 
 
+MODIFIERS = frozenset({"ens", "overlap"})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size, modifiers = common.split_variant(arg)
+    size, modifiers = common.parse_variant(arg, "pddpm", MODIFIERS)
     config = common.base_config(size)
     config.method = "pddpm"
     channels = len(config.data.modalities)
@@ -58,8 +61,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Authors' overlap / agg_overlap='avg' option: half-patch stride, averaged overlaps.
         p.stride = p.size // 2
         p.train_positions = "random"
-    unknown = modifiers - {"ens", "overlap"} - common.COMMON_MODIFIERS
-    if unknown:
-        raise ValueError(f"unknown pddpm config modifiers {sorted(unknown)}")
     common.apply_common_modifiers(config, modifiers)
     return config

@@ -13,14 +13,12 @@ MODALITIES = ("t1", "t2", "pd", "flair")
 
 
 def get_config(arg: str | None = None):
-    size, modifiers = common.split_variant(arg)
+    size, modifiers = common.parse_variant(arg, "threshold", MODALITIES)
     config = common.base_config(size)
     config.method = "threshold"
     chosen = [m for m in MODALITIES if m in modifiers]
-    unknown = modifiers - set(MODALITIES) - common.COMMON_MODIFIERS
-    if len(chosen) > 1 or unknown:
-        raise ValueError(f"threshold config: one modality of {MODALITIES}, not "
-                         f"{sorted(modifiers - common.COMMON_MODIFIERS)}")
+    if len(chosen) > 1:
+        raise ValueError(f"threshold config: one modality of {MODALITIES}, not {chosen}")
     if chosen:
         config.data.modalities = (chosen[0],)
     common.apply_common_modifiers(config, modifiers)

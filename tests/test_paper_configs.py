@@ -54,3 +54,14 @@ def test_paper_config_traces_at_full_size(name):
 
     out = jax.eval_shape(score, {k: s for k, (_, s) in models.items()}, batch)
     assert out["score"].shape == (4, h, w)
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods()])
+def test_every_config_checks_its_modifiers_in_one_place(method):
+    """configs/common.parse_variant / check_modifiers: an unknown modifier is refused with
+    the method's own and the common modifiers listed; the common ones are accepted."""
+    module = importlib.import_module(f"configs.{method}")
+    with pytest.raises(ValueError, match=f"unknown {method} config modifiers \\['nope'\\]; "
+                                         f"{method} takes .*every method"):
+        module.get_config("cpu,nope")
+    assert module.get_config("cpu,long").train.num_steps == 3000
