@@ -1,4 +1,4 @@
-"""Benchmark scripts (`python -m benchmarks.<name>`): they print figures; see docs/performance.md."""
+"""Benchmark scripts (`python -m benchmarks.<name>`): they print figures (docs/performance.md)."""
 
 from uadjax import xla_flags as _xla_flags
 

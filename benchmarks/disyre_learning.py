@@ -26,8 +26,7 @@ import numpy as np
 from absl import app, flags
 from sklearn.metrics import roc_auc_score
 
-from uadjax import evaluate
-from uadjax.predict import run_config
+from uadjax import runs
 from uadjax.data import builder, schema
 from uadjax.methods import disyre
 
@@ -98,12 +97,12 @@ def main(argv):
     rows = []
     patches = None
     for workdir in _WORKDIRS.value:
-        config = run_config(workdir)
+        config = runs.run_config(workdir)
         if _LABELS.value:
             config.disyre.test_timesteps = tuple(int(t) for t in _LABELS.value)
         if patches is None:
             patches = corrupted_patches(config, _BATCHES.value)
-        models, steps = evaluate.load_models_and_steps(config, workdir)
+        models, steps = runs.load_models_and_steps(config, workdir)
         stats = restoration(models[disyre.STAGE], patches, config.disyre)
         rows.append({"workdir": workdir, "step": steps[disyre.STAGE]["step"], **stats})
     print("| run | steps | removed (oracle t) | AUROC (oracle t) | removed (test labels) "

@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from uadjax import evaluate, metrics
+from uadjax import metrics, runs
 from uadjax.data import builder, schema
-from uadjax.predict import run_config
 from uadjax.methods import mmccd
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained MMCCD run folder.", required=True)
@@ -112,19 +111,20 @@ def accuracy(error_maps: np.ndarray, data: dict) -> dict:
 
 def main(argv):
     del argv
-    config = run_config(_WORKDIR.value)
+    config = runs.run_config(_WORKDIR.value)
     c = config.mmccd
     coverages = sorted(int(v) for v in _COVERAGE.value)
     if any(int(c.band_width) % v for v in coverages):
         raise app.UsageError(f"coverages must divide the band width {c.band_width}")
     c.directions = ("horizontal", "vertical")
     c.test_stride = int(c.band_width) // max(coverages)
-    models, steps = evaluate.load_models_and_steps(config, _WORKDIR.value)
+    models, steps = runs.load_models_and_steps(config, _WORKDIR.value)
     data = subset_slices(config, _PER_KIND.value, _SLICE_STEP.value)
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     depth = float(np.mean([e["num_slices"] for e in index["subjects"]]))
     print(f"{len(data['image'])} slices of {len(set(data['subject_id']))} subjects "
-          f"(kinds {', '.join(sorted(set(data['kind'].tolist())))}); {depth:.0f} slices per volume; checkpoints "
+          f"(kinds {', '.join(sorted(set(data['kind'].tolist())))}); {depth:.0f} slices per "
+          "volume; checkpoints "
           f"{ {k: v['step'] for k, v in steps.items()} }")
     rows = []
     for ddim_steps in sorted(int(s) for s in _STEPS.value):

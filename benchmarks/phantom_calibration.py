@@ -40,11 +40,24 @@ from configs import common as common_configs
 from configs import data as data_configs
 from configs import phantom as phantom_configs
 from uadjax import evaluate
-from uadjax.data import nifti, phantom, phantom_anatomy, phantom_lesions, phantom_regions
-from uadjax.data import phantom_signal, preprocess, schema
-from uadjax.data.phantom_reference import (ANATOMY_ANCHORS, ANCHORS, FISCHL_2000,
-                                           ICBM_CONTRAST, LOCATION_ANCHORS,
-                                           THRESHOLD_TARGETS)
+from uadjax.data import (
+    nifti,
+    phantom,
+    phantom_anatomy,
+    phantom_lesions,
+    phantom_regions,
+    phantom_signal,
+    preprocess,
+    schema,
+)
+from uadjax.data.phantom_reference import (
+    ANATOMY_ANCHORS,
+    ANCHORS,
+    FISCHL_2000,
+    ICBM_CONTRAST,
+    LOCATION_ANCHORS,
+    THRESHOLD_TARGETS,
+)
 from uadjax.data.phantom_template import load_template
 from uadjax.inference.scoring import ScoredVolume
 

@@ -22,7 +22,6 @@ import dataclasses
 
 import ml_collections
 
-
 # Preprocessing fields whose default is None, and the type an override may give them.
 _OPTIONAL_TYPES = {"num_slices": int, "target_spacing": tuple, "slice_range": tuple}
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import cddpm as cddpm_config
-from uadjax import jobs, train
+from uadjax import jobs, runs, train
 from uadjax.methods import get_method
 from uadjax.models import make_model
 from uadjax.models.resnet import ResNetEncoder
@@ -160,7 +160,7 @@ def _encoder_params(module):
 
 def _stage_encoder(config, workdir, stage):
     method = get_method("cddpm")
-    return _encoder_params(train.load_stage_models(config, workdir, method.stage(stage)))
+    return _encoder_params(runs.load_stage_models(config, workdir, method.stage(stage)))
 
 
 def _assert_same(a, b):

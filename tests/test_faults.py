@@ -20,7 +20,7 @@ import pytest
 from helpers_train import NanBatches
 
 from configs import ddpm
-from uadjax import atomic, checkpointing, evaluate, jobs, predict, train
+from uadjax import atomic, checkpointing, evaluate, jobs, predict, runs, train
 from uadjax.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
         assert int(_saved_state(config, str(workdir))["step"]) == 2
     # Evaluation scores with step 2 and says so in results.json and the report.
     with pytest.warns(UserWarning, match="falling back to step 2"):
-        _, steps = evaluate.load_models_and_steps(config, str(workdir))
+        _, steps = runs.load_models_and_steps(config, str(workdir))
     assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True,
                                    "trained_steps": 2, "num_steps": 4}}
     line = evaluate._checkpoint_line({"checkpoints": steps})
@@ -207,7 +207,7 @@ def test_half_written_or_unreadable_checkpoints(tiny_data, tmp_path):
     # A step folder that never got renamed (killed mid-write, or a save in progress) is
     # ignored; loading for evaluation leaves it alone, training removes it.
     os.rename(ckpt_dir / "4", ckpt_dir / "4.orbax-checkpoint-tmp-1")
-    _, steps = evaluate.load_models_and_steps(config, str(workdir))
+    _, steps = runs.load_models_and_steps(config, str(workdir))
     assert steps["diffusion"]["step"] == 2 and not steps["diffusion"]["fell_back"]
     assert (ckpt_dir / "4.orbax-checkpoint-tmp-1").is_dir()
     assert int(_saved_state(config, str(workdir))["step"]) == 2
@@ -230,7 +230,7 @@ def test_checkpoint_of_another_method_or_network_is_refused(tiny_data, tmp_path)
     other = copy.deepcopy(config)
     other.method = "pddpm"
     with pytest.raises(checkpointing.CheckpointError, match="trained by method 'ddpm'"):
-        train.load_stage_models(other, str(tmp_path / "run"), _stage())
+        runs.load_stage_models(other, str(tmp_path / "run"), _stage())
 
 
 def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, capsys):

@@ -12,7 +12,7 @@ from flax import nnx
 from helpers_methods import Halver
 
 from configs import ldm as ldm_config
-from uadjax import diffusion, jobs, train
+from uadjax import diffusion, jobs, runs, train
 from uadjax.methods import get_method, ldm
 from uadjax.models.vqvae import VQVAE, VectorQuantizer, nearest_code
 
@@ -274,9 +274,9 @@ def test_three_stage_run_end_to_end(tiny_run, tmp_path):
         assert json.load(f)["timing"]["seconds_per_volume"] > 0
 
     method = get_method("ldm")
-    vq = train.load_stage_models(config, workdir, method.stage("vqvae"))
-    dif = train.load_stage_models(config, workdir, method.stage("diffusion"))
-    cal = train.load_stage_models(config, workdir, method.stage("calibrate"))
+    vq = runs.load_stage_models(config, workdir, method.stage("vqvae"))
+    dif = runs.load_stage_models(config, workdir, method.stage("diffusion"))
+    cal = runs.load_stage_models(config, workdir, method.stage("calibrate"))
     # The VQ-VAE stayed frozen through both later stages; the UNet stayed frozen in the last.
     for module in (dif.vqvae, cal.ldm.vqvae):
         for a, b in zip(jax.tree.leaves(nnx.state(vq)), jax.tree.leaves(nnx.state(module)),

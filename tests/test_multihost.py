@@ -88,7 +88,7 @@ def _config(tiny_data, steps):
 
 @pytest.mark.slow
 def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
-    from uadjax import jobs, train
+    from uadjax import jobs, runs, train
     from uadjax.methods import get_method
 
     stage = get_method("ddpm").stages[0]
@@ -118,7 +118,7 @@ def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a, b)
 
-    model = train.load_stage_models(config, str(tmp_path / "multi"), stage, use_ema=False)
+    model = runs.load_stage_models(config, str(tmp_path / "multi"), stage, use_ema=False)
     multi = _params(model)
     assert len(multi) == len(single)
     diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(single, multi, strict=True)])

@@ -13,8 +13,14 @@ from scipy import ndimage, stats
 from configs import common as common_configs
 from configs import phantom as phantom_configs
 from data_prep import phantom as phantom_cli
-from uadjax.data import phantom, phantom_anatomy, phantom_reference, phantom_regions
-from uadjax.data import phantom_signal, schema
+from uadjax.data import (
+    phantom,
+    phantom_anatomy,
+    phantom_reference,
+    phantom_regions,
+    phantom_signal,
+    schema,
+)
 from uadjax.data import phantom_lesions as lesions
 from uadjax.data.phantom_template import load_template
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uadjax import jobs, predict
+from uadjax import jobs, predict, runs
 
 
 def _phantom_t2(tiny_run):
@@ -52,7 +52,7 @@ def test_predict_keeps_shape_and_affine_and_resumes(tiny_run, tmp_path):
 
 def test_predict_needs_an_evaluated_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a trained run"):
-        predict.load_run(str(tmp_path))
+        runs.load_run(str(tmp_path))
 
 
 def test_find_scans_groups_modalities(tmp_path):

@@ -22,10 +22,11 @@ import time
 
 import numpy as np
 
-from uadjax import atomic, metrics
-from uadjax.data import schema
+from uadjax import atomic, metrics, parallel, report, runs
+from uadjax.data import builder, pipeline, schema
 from uadjax.inference import postprocess
-from uadjax.inference.scoring import ScoredVolume
+from uadjax.inference.scoring import ScoredVolume, make_batch_scorer, score_volumes
+from uadjax.methods import get_method
 
 
 def postprocess_volumes(volumes: dict[str, ScoredVolume], ecfg) -> dict[str, np.ndarray]:
@@ -204,36 +205,9 @@ def timed(fn, *args, **kwargs):
 EVAL_SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema.TEST_HEALTHY)
 
 
-def load_models(config, workdir: str) -> dict:
-    """stage name -> trained (EMA) networks of the stages `config.method` scores with."""
-    return load_models_and_steps(config, workdir)[0]
-
-
-def load_models_and_steps(config, workdir: str) -> tuple[dict, dict]:
-    """(stage name -> networks, stage name -> {"step", "latest_step", "fell_back",
-    "trained_steps", "num_steps"}): which checkpoint each scoring stage was restored from
-    (an older step than the newest on disk when that one is unreadable), and how far it
-    was trained, for the results."""
-    from uadjax.methods import get_method
-    from uadjax.train import load_stage_checkpoint, stage_workdir
-
-    models, steps = {}, {}
-    for stage in get_method(config.method).scoring_stages(config):
-        models[stage.name], info = load_stage_checkpoint(
-            config, stage_workdir(config, workdir, stage.name), stage)
-        steps[stage.name] = {"step": info["step"], "latest_step": info["latest_step"],
-                             "fell_back": info["step"] != info["latest_step"],
-                             "trained_steps": info["trained_steps"],
-                             "num_steps": info["num_steps"]}
-    return models, steps
-
-
 def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL_SPLITS):
     """-> (split -> subject -> ScoredVolume for every prepared evaluation split, volumes
     index, seconds spent compiling the scorer on its first batch)."""
-    from uadjax import parallel
-    from uadjax.data import builder, pipeline
-    from uadjax.inference.scoring import make_batch_scorer, score_volumes
 
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     num_slices = {e["id"]: e["num_slices"] for e in index["subjects"]}
@@ -292,11 +266,10 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
       out_dir: where the outputs go; `<workdir>/eval` by default (another folder lets one
         trained run be evaluated under several test-time settings, e.g. with and without ENS).
     """
-    from uadjax.methods import get_method
 
     out_dir = out_dir or os.path.join(workdir, "eval")
     method = get_method(config.method)
-    models, checkpoint_steps = load_models_and_steps(config, workdir)
+    models, checkpoint_steps = runs.load_models_and_steps(config, workdir)
     atomic.check_writable(out_dir)  # fail now, not after scoring
     (split_volumes, index, compile_seconds), total_seconds = timed(
         score_splits, config, models, method.score_fn, progress=progress,
@@ -343,7 +316,6 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
 
 def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
     """results.json, calibration.json, subjects.csv, report.md and its figures."""
-    from uadjax import report
 
     all_results, calibration, timing = summary["results"], summary["calibration"], summary["timing"]
     num_slices, score_seconds = timing["slices_scored"], timing["score_seconds"]
@@ -427,7 +399,6 @@ def pr_curves(split_volumes, processed: dict, *, points: int = 200) -> dict:
     figure), reduced to about `points` points for results.json."""
     from sklearn.metrics import precision_recall_curve
 
-    from uadjax import report
 
     test = split_volumes.get(schema.TEST_LESION, {})
     out = {}
@@ -448,7 +419,6 @@ def save_examples(path: str, split_volumes, processed: dict, per_kind: int) -> N
     of each lesion kind: image (channel 0), ground truth and post-processed score, as
     `examples.npz` (plain arrays, no pickle), so a benchmark can show the same subjects
     across methods."""
-    from uadjax import report
 
     test = split_volumes.get(schema.TEST_LESION, {})
     arrays = {}
@@ -466,7 +436,6 @@ def save_examples(path: str, split_volumes, processed: dict, per_kind: int) -> N
 
 def _figures(out_dir, sources, processed, all_results, config) -> list[str]:
     """Example panels and pooled PR curves per lesion kind; returns report sections."""
-    from uadjax import report
 
     test = sources[config.method].get(schema.TEST_LESION, {})
     sections = []

@@ -8,7 +8,6 @@ stages) is found and reused, so rerunning a killed job resumes it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path

@@ -15,15 +15,16 @@ Multi-modality models take a folder of `<subject>_<modality>.nii.gz` files.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
-from uadjax import atomic
+from uadjax import atomic, parallel, runs
 from uadjax.data import nifti, pipeline, preprocess
 from uadjax.data.schema import DataError
+from uadjax.inference import postprocess
+from uadjax.inference.scoring import make_batch_scorer, score_volumes
+from uadjax.methods import get_method
 from uadjax.progress import progress_bar
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -83,27 +84,6 @@ def find_scans(input_path: str, modalities) -> dict[str, dict[str, Path]]:
     return scans
 
 
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run folder was trained with (its config.json)."""
-    config_path = Path(workdir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not a trained run directory")
-    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
-
-
-def load_run(workdir: str):
-    """(config, models, calibration) of a trained and evaluated run directory."""
-    from uadjax.evaluate import load_models
-
-    config = run_config(workdir)
-    calibration_path = Path(workdir) / "eval" / "calibration.json"
-    if not calibration_path.is_file():
-        raise FileNotFoundError(f"{calibration_path}: run `evaluate` first; it calibrates "
-                                "the segmentation threshold on the lesion-validation set")
-    calibration = json.loads(calibration_path.read_text())
-    return config, load_models(config, workdir), calibration
-
-
 def volume_records(images: np.ndarray, brain_mask: np.ndarray) -> list[dict]:
     """One preprocessed volume ([D, H, W, M], [D, H, W]) as the records of an evaluation
     split, slice by slice, for `pipeline.make_eval_batches`."""
@@ -115,8 +95,6 @@ def volume_records(images: np.ndarray, brain_mask: np.ndarray) -> list[dict]:
 def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, calibration,
                  brain_mask: str | None = None) -> list[Path]:
     """Scores one scan and writes its maps next to `out_prefix`; returns the paths."""
-    from uadjax.inference import postprocess
-    from uadjax.inference.scoring import score_volumes
 
     subject_files = nifti.SubjectFiles(
         subject_id=out_prefix.name, split="", kind="unknown", lesion_volume_ml=0.0,
@@ -191,11 +169,8 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
                   brain_mask: str | None = None, overwrite: bool = False,
                   progress: bool = True) -> PredictReport:
     """Runs `predict_scan` on one file or every scan of a folder."""
-    from uadjax import parallel
-    from uadjax.inference.scoring import make_batch_scorer
-    from uadjax.methods import get_method
 
-    config, models, calibration = load_run(workdir)
+    config, models, calibration = runs.load_run(workdir)
     if "threshold" not in calibration:
         raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
                            "segmentation threshold was calibrated")

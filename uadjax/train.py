@@ -25,16 +25,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from uadjax.progress import progress_bar
 
 from uadjax import atomic, checkpointing, parallel
 from uadjax.methods import get_method
 from uadjax.methods.base import Stage
 from uadjax.metric_writer import MetricWriter
+from uadjax.progress import progress_bar
+from uadjax.runs import (
+    check_same_method,
+    is_external,
+    load_stage_models,
+    restore_checked,
+    saved_config,
+    stage_dir,
+    stage_workdir,
+)
+from uadjax.train_state import ema_decay_at, init_state, make_optimizer, merge, stage_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,68 +92,6 @@ def check_same_data(directory: str, identity: dict | None, resuming: bool) -> No
                 "folder to train again.")
         return
     atomic.write_json(path, identity)
-
-
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """Adam/AdamW with optional warm-up, cosine decay and global-norm clipping.
-
-    cfg fields (all required; their defaults are `configs/common.py`'s): optimizer
-    ('adam'|'adamw'), learning_rate, weight_decay, warmup_steps, lr_schedule
-    ('constant'|'cosine'), num_steps, grad_clip (0 disables), b1, b2.
-    """
-    lr = cfg.learning_rate
-    warmup = int(cfg.warmup_steps)
-    if cfg.lr_schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1), end_value=lr * 0.01)
-    elif warmup:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-    else:
-        schedule = lr
-    name = cfg.optimizer
-    b1, b2 = cfg.b1, cfg.b2
-    if name == "adam":
-        opt = optax.adam(schedule, b1=b1, b2=b2)
-    elif name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
-    clip = cfg.grad_clip
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
-
-
-def ema_decay_at(step, decay: float):
-    """EMA decay with warm-up: min(decay, (1 + step) / (10 + step))."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def init_state(stage: Stage, config, tx, *, seed: int, earlier: dict | None = None):
-    """Builds the stage's networks and returns (graphdef, state).
-
-    state: {'step', 'params', 'ema_params', 'opt_state', 'rest', 'nonfinite_step'}.
-    """
-    model = stage.make_model(config, nnx.Rngs(seed))
-    if stage.init_from is not None and earlier:
-        stage.init_from(model, earlier)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
-    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "ema_params": jax.tree.map(jnp.copy, params),
-        "opt_state": tx.init(params),
-        "rest": rest,
-        "nonfinite_step": jnp.full((), -1, jnp.int32),
-    }
-    return graphdef, state
-
-
-def merge(graphdef, params: dict, rest: dict) -> nnx.Module:
-    """Rebuilds a module from pure-dict params and non-param state (inside or outside jit)."""
-    return nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
 
 
 def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
@@ -221,31 +168,6 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def stage_config(config, stage_name: str):
-    """`config` with `config.train` overridden by `config.stage_train.<stage_name>` (if any)."""
-    overrides = config.get("stage_train", {}).get(stage_name)
-    if not overrides:
-        return config
-    config = config.copy_and_resolve_references()
-    unknown = set(overrides.keys()) - set(config.train.keys())
-    if unknown:
-        raise ValueError(f"config.stage_train.{stage_name} sets unknown train fields "
-                         f"{sorted(unknown)}; known: {sorted(config.train.keys())}")
-    config.train.update(dict(overrides))
-    return config
-
-
-def stage_dir(workdir: str, stage_name: str) -> str:
-    return os.path.join(workdir, stage_name)
-
-
-def stage_workdir(config, workdir: str, stage_name: str) -> str:
-    """The run folder holding a stage: `config.stage_workdirs.<stage>` when set (a stage
-    trained once in another run and reused, e.g. one encoder pre-training for several
-    seeds), else `workdir`. Such external stages are loaded, never trained here."""
-    return config.get("stage_workdirs", {}).get(stage_name) or workdir
-
-
 def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=None,
                 mesh=None, progress: bool = True, stop_at_step: int | None = None) -> dict:
     """Trains one stage to its `num_steps` (resuming if a checkpoint exists).
@@ -270,7 +192,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     resuming = ckpt.latest_step() is not None
     check_same_data(directory, data.identity, resuming)
     if resuming:
-        saved = _saved_config(ckpt)
+        saved = saved_config(ckpt)
         check_same_method(saved, config, ckpt.directory)
         state = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
                                 data_iter=data.train_iter, quarantine=True)
@@ -293,8 +215,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     val_every = int(tcfg.val_every_steps)
     last = stop_at_step if stop_at_step is not None else num_steps
     last = min(last, num_steps)
-    bar = progress_bar(total=num_steps, initial=start, disable=not progress, desc=f"train/{stage.name}",
-               dynamic_ncols=True)
+    bar = progress_bar(total=num_steps, initial=start, disable=not progress,
+                       desc=f"train/{stage.name}", dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), 0
     pending = []
     step = start
@@ -391,60 +313,6 @@ def _validate(eval_fn, state, val_batches, mesh, base_key) -> dict:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = True,
-                      require_finished: bool = False) -> nnx.Module:
-    """Rebuilds a trained stage's networks from its latest readable checkpoint (EMA params
-    by default); `load_stage_checkpoint` also says which step that was."""
-    return load_stage_checkpoint(config, workdir, stage, use_ema=use_ema,
-                                 require_finished=require_finished)[0]
-
-
-def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool = True,
-                          require_finished: bool = False) -> tuple[nnx.Module, dict]:
-    """Rebuilds a trained stage's networks from its latest readable checkpoint.
-
-    Returns:
-      (networks, {"directory", "step": the step folder restored, "latest_step": the newest
-      step folder on disk, "trained_steps": the optimiser steps in the restored state,
-      "num_steps": the steps the stage was configured to train}); "step" and "latest_step"
-      differ when newer checkpoints were unreadable (a warning names them), and results
-      computed from the networks should say so.
-
-    The optimiser state is restored with the structure of the optimiser the checkpoint was
-    trained with (its saved config), so a stage trained elsewhere under another recipe loads.
-
-    Raises:
-      FileNotFoundError: the stage has no checkpoint.
-      RuntimeError: `require_finished` and the checkpoint is short of the stage's steps.
-    """
-    config = stage_config(config, stage.name)
-    directory = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
-    if not checkpointing.has_checkpoint(directory):  # before orbax creates the folder
-        raise FileNotFoundError(
-            f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
-            f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
-    ckpt = checkpointing.Checkpointer(directory, asynchronous=False, read_only=True)
-    try:
-        saved = _saved_config(ckpt)
-        check_same_method(saved, config, directory)
-        saved_train = saved.get("train") if saved else None
-        train_cfg = ml_collections.ConfigDict(saved_train) if saved_train else config.train
-        graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
-        restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config)
-        step = int(restored["step"])
-        provenance = {"directory": directory, "step": ckpt.restored_step,
-                      "latest_step": ckpt.latest_step(), "trained_steps": step,
-                      "num_steps": int(train_cfg.num_steps)}
-        if require_finished and step < int(train_cfg.num_steps):
-            raise RuntimeError(
-                f"stage {stage.name!r} in {directory} stopped at step {step} of "
-                f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
-    finally:
-        ckpt.close()
-    params = restored["ema_params"] if use_ema else restored["params"]
-    return merge(graphdef, params, restored["rest"]), provenance
-
-
 def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
           stages: list[str] | None = None, progress: bool = True) -> bool:
     """Trains the stages of `config.method` in order, skipping finished ones.
@@ -468,7 +336,8 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
     if stages is not None and set(stages) - set(wanted):
         raise ValueError(f"stages {sorted(set(stages) - set(wanted))} are not trained by this "
                          f"config; its stages: {[s.name for s in active]}")
-    external = [s.name for s in active if s.name in wanted and _is_external(config, workdir, s.name)]
+    external = [s.name for s in active
+                if s.name in wanted and is_external(config, workdir, s.name)]
     if stages is not None and external:
         raise ValueError(f"stages {external} are loaded from config.stage_workdirs, not "
                          "trained in this run; train them in their own run folder")
@@ -478,7 +347,7 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
             break
         if stage.name in wanted:
             wanted.remove(stage.name)
-            if not _is_external(config, workdir, stage.name):
+            if not is_external(config, workdir, stage.name):
                 out = train_stage(stage, config, workdir,
                                   make_data(stage_config(config, stage.name), stage),
                                   earlier=earlier, progress=progress)
@@ -489,62 +358,3 @@ def train(config, workdir: str, *, make_data: Callable[[Any, Stage], TrainData],
                 config, stage_workdir(config, workdir, stage.name), stage,
                 require_finished=True)
     return True
-
-
-def _saved_config(ckpt) -> dict | None:
-    """The config saved with the latest checkpoint (None for checkpoints saved without one,
-    or when it cannot be read: restoring the state then reports the problem)."""
-    try:
-        return ckpt.restore_config()
-    except Exception:  # noqa: BLE001 - an unreadable config is judged by the state restore
-        return None
-
-
-def check_same_method(saved: dict | None, config, directory: str) -> None:
-    """Raises CheckpointError when the checkpoint in `directory` belongs to another method."""
-    if saved and saved.get("method") != config.method:
-        raise checkpointing.CheckpointError(
-            f"{directory}: the checkpoint was trained by method {saved.get('method')!r}, "
-            f"this config is {config.method!r}. Use another --workdir, or the config that "
-            "trained it.")
-
-
-def restore_checked(ckpt, abstract_state, saved: dict | None, config, **kwargs):
-    """`ckpt.restore`, with a CheckpointError that names the config fields that differ from
-    the ones the checkpoint was trained with when no step can be restored."""
-    try:
-        return ckpt.restore(abstract_state, **kwargs)
-    except checkpointing.CheckpointError as err:
-        differences = config_differences(saved, config)
-        if differences:
-            raise checkpointing.CheckpointError(
-                f"{ckpt.directory}: the checkpoint does not fit this config, which differs "
-                f"from the one that trained it in {', '.join(differences)}. Use another "
-                "--workdir, or the config that trained it.") from err
-        raise
-
-
-def config_differences(saved: dict | None, config) -> list[str]:
-    """The network and input fields (model*, data.modalities, data.image_size) in which
-    `config` differs from a checkpoint's saved config."""
-    if not saved:
-        return []
-    current = json.loads(config.to_json_best_effort())
-    out = []
-    for key in sorted(k for k in set(saved) | set(current) if k.startswith("model")):
-        a, b = saved.get(key) or {}, current.get(key) or {}
-        out += [f"{key}.{f}" for f in sorted(set(a) | set(b))
-                if _as_list(a.get(f)) != _as_list(b.get(f))]
-    for f in ("modalities", "image_size"):
-        if _as_list(saved.get("data", {}).get(f)) != _as_list(current["data"].get(f)):
-            out.append(f"data.{f}")
-    return out
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, list | tuple) else value
-
-
-def _is_external(config, workdir: str, stage_name: str) -> bool:
-    source = stage_workdir(config, workdir, stage_name)
-    return os.path.realpath(source) != os.path.realpath(workdir)

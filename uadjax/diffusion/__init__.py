@@ -32,8 +32,8 @@ from uadjax.diffusion.samplers import (
     partial_diffusion,
     reconstruct_single_step,
     respaced_timesteps,
-    strided_timesteps,
     sample_loop,
+    strided_timesteps,
 )
 from uadjax.diffusion.schedules import (
     SCHEDULE_NAMES,

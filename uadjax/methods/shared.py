@@ -27,7 +27,6 @@ from uadjax.inference.sweep import sweep, weighted_mean
 from uadjax.methods import base
 from uadjax.models import make_model
 
-
 # ------------------------------------------------------------------------------------------
 # Diffusion models.
 
