@@ -5,7 +5,7 @@
 
 Generates (or reuses, cached in `.cache/phantom`) the phantom variant, then prints
   1. the intensity-threshold baseline per lesion kind, modality and resolution, on the
-     project's own evaluation path (`preprocess_files` -> `evaluate.evaluate_scores`, the
+     project's own evaluation path (`preprocess_files` -> `protocol.evaluate_scores`, the
      code `./launch.sh run --config=configs/threshold.py:cpu,flair` runs): best-possible
      pooled Dice (threshold chosen on the test volumes), pooled AUPRC, and the Dice at the
      threshold selected on the lesion-validation subjects, next to the published FLAIR
@@ -39,7 +39,7 @@ from scipy import ndimage
 from configs import common as common_configs
 from configs import data as data_configs
 from configs import phantom as phantom_configs
-from uadjax import evaluate
+from uadjax import protocol
 from uadjax.data import (
     nifti,
     phantom,
@@ -102,7 +102,7 @@ def threshold_results(folder: pathlib.Path, manifest: dict, resolution: str, mod
         split_volumes[entry["split"]][entry["id"]] = ScoredVolume(
             subject_id=entry["id"], kind=entry["kind"], score=vol.images[..., 0],
             image=vol.images, brain_mask=vol.brain_mask, seg=vol.seg.astype(bool))
-    results, _ = evaluate.evaluate_scores(split_volumes, ecfg, spacing=spacing)
+    results, _ = protocol.evaluate_scores(split_volumes, ecfg, spacing=spacing)
     return results
 
 

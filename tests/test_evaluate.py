@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score
 
-from uadjax import evaluate
+from uadjax import protocol
 from uadjax.data import schema
 from uadjax.inference import postprocess
 from uadjax.inference.scoring import ScoredVolume, score_volumes
@@ -58,7 +58,7 @@ def _splits(score_of, rng, shape=(8, 16, 16)):
 def test_perfect_score_map_gives_perfect_metrics():
     rng = np.random.default_rng(0)
     splits = _splits(lambda seg: seg.astype(np.float32) * 0.8 + 0.1, rng)
-    results, rows = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(1, 1, 1))
+    results, rows = protocol.evaluate_scores(splits, _eval_cfg(), spacing=(1, 1, 1))
     entry = results["kinds"]["tumour"]
     for source in ("val", "oracle"):
         pv = entry[source]["per_volume"]
@@ -73,7 +73,7 @@ def test_perfect_score_map_gives_perfect_metrics():
 def test_noisy_score_map_matches_sklearn():
     rng = np.random.default_rng(1)
     splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
-    results, _ = evaluate.evaluate_scores(splits, _eval_cfg(), spacing=(2, 1, 1))
+    results, _ = protocol.evaluate_scores(splits, _eval_cfg(), spacing=(2, 1, 1))
     entry = results["kinds"]["tumour"]
     threshold = entry["val"]["threshold"]
     test = splits[schema.TEST_LESION]
@@ -98,7 +98,7 @@ def test_postprocessing_switches_are_applied():
     splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
     cfg = _eval_cfg(erode_iterations=1, median_size=3)
     vol = next(iter(splits[schema.TEST_LESION].values()))
-    processed = evaluate.postprocess_volumes({"a": vol}, cfg)["a"]
+    processed = protocol.postprocess_volumes({"a": vol}, cfg)["a"]
     expected = postprocess.postprocess_scores(vol.score, vol.brain_mask, erode_iterations=1,
                                               median_size=3)
     np.testing.assert_array_equal(processed, expected)

@@ -67,17 +67,6 @@ def save_pr_figure(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], 
     _save(fig, path)
 
 
-def pooled_sample(volumes: list[ScoredVolume], scores: dict[str, np.ndarray], *,
-                  max_voxels: int = 400_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled in-brain (score, label) pairs, uniformly subsampled to `max_voxels`."""
-    s = np.concatenate([scores[v.subject_id][v.brain_mask] for v in volumes])
-    y = np.concatenate([v.seg[v.brain_mask] for v in volumes])
-    if s.size > max_voxels:
-        keep = np.random.default_rng(seed).choice(s.size, max_voxels, replace=False)
-        s, y = s[keep], y[keep]
-    return s, y
-
-
 def _save(fig, path: str) -> None:
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
