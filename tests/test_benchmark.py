@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uadjax import benchmark, metrics
+from uadjax import metrics
+from uadjax.benchmark import cli, entries, ranking, running
 from uadjax.methods import get_method
 from uadjax.models import unet as unet_module
 
@@ -76,8 +77,8 @@ def test_paired_permutation_p_equals_the_exact_sign_flip_test():
     flips = [abs((d * np.array(signs)).mean())
              for signs in itertools.product((1, -1), repeat=len(d))]
     exact = np.mean([f >= observed - 1e-12 for f in flips])
-    assert benchmark.paired_permutation_p(a, b) == pytest.approx(exact, abs=1e-9)
-    assert benchmark.paired_permutation_p(a, a) == 1.0
+    assert ranking.paired_permutation_p(a, b) == pytest.approx(exact, abs=1e-9)
+    assert ranking.paired_permutation_p(a, a) == 1.0
 
 
 def test_reconstruction_quality_against_closed_forms():
@@ -97,23 +98,23 @@ def test_reconstruction_quality_against_closed_forms():
 
 
 def test_paper_numbers_only_under_the_reproduced_protocol():
-    ddpm = benchmark.parse_entry("ddpm")
+    ddpm = entries.parse_entry("ddpm")
     brats = {"modalities": ["t2"], "kinds": {"tumour": ["brats2021"]}}
-    paper = benchmark.Protocol(size="paper", budget="")
-    assert benchmark.paper_number(ddpm, "tumour", paper, brats)["dice"] == 44.25
-    assert benchmark.paper_number(ddpm, "tumour", benchmark.Protocol(), brats) is None
-    assert benchmark.paper_number(ddpm, "tumour", paper, None) is None  # the phantom
-    assert benchmark.paper_number(ddpm, "tumour", paper,
+    paper = entries.Protocol(size="paper", budget="")
+    assert ranking.paper_number(ddpm, "tumour", paper, brats)["dice"] == 44.25
+    assert ranking.paper_number(ddpm, "tumour", entries.Protocol(), brats) is None
+    assert ranking.paper_number(ddpm, "tumour", paper, None) is None  # the phantom
+    assert ranking.paper_number(ddpm, "tumour", paper,
                                   {"modalities": ["t1"], "kinds": {"tumour": ["brats2021"]}}) is None
 
 
 def test_parse_entries():
-    assert [e.key for e in benchmark.parse_entries("all")] == [e.key for e in benchmark.ENTRIES]
-    entry = benchmark.parse_entry("disyre:t1+multistep")
+    assert [e.key for e in entries.parse_entries("all")] == [e.key for e in entries.ENTRIES]
+    entry = entries.parse_entry("disyre:t1+multistep")
     assert (entry.config, entry.train_modifiers, entry.test_modifiers) == ("disyre", "t1",
                                                                           "multistep")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        benchmark.parse_entry("nope")
+        entries.parse_entry("nope")
 
 
 def _bench_args(tiny_data, root, seeds="0,1"):
@@ -124,7 +125,7 @@ def _bench_args(tiny_data, root, seeds="0,1"):
 
 def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, capsys):
     root = tmp_path / "bench"
-    assert benchmark.main(_bench_args(tiny_data, root)) == 0
+    assert cli.main(_bench_args(tiny_data, root)) == 0
     out = capsys.readouterr().out
     assert "[1/6] DDPM seed 0: started" in out and "[6/6] AE seed 1: done" in out
     assert "about" in out and "left" in out  # the estimate of what remains
@@ -166,7 +167,7 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
 
     # A rerun trains and evaluates nothing: the same leaderboard, read back from disk.
     stamp = (root / "ddpm-tiny" / "seed0" / "eval_benchmark" / "results.json").stat().st_mtime
-    assert benchmark.main(_bench_args(tiny_data, root)) == 0
+    assert cli.main(_bench_args(tiny_data, root)) == 0
     assert (root / "ddpm-tiny" / "seed0" / "eval_benchmark" /
             "results.json").stat().st_mtime == stamp
     again = json.loads((root / "leaderboard.json").read_text())
@@ -175,10 +176,10 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
 
     # Publishing copies everything and regenerates only the README's marked section.
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\nbefore\n{benchmark.README_START}\nold\n{benchmark.README_END}\nafter\n")
-    benchmark.publish(str(root), str(tmp_path / "docs" / "lb"), str(readme))
+    readme.write_text(f"# x\nbefore\n{cli.README_START}\nold\n{cli.README_END}\nafter\n")
+    cli.publish(str(root), str(tmp_path / "docs" / "lb"), str(readme))
     text = readme.read_text()
-    assert text.startswith("# x\nbefore\n") and text.endswith(f"{benchmark.README_END}\nafter\n")
+    assert text.startswith("# x\nbefore\n") and text.endswith(f"{cli.README_END}\nafter\n")
     assert "\nold\n" not in text and "(docs/lb/speed_accuracy.png)" in text and "DDPM-ENS" in text
     for name in ("leaderboard.md", "leaderboard.csv", *board["figures"]):
         assert (tmp_path / "docs" / "lb" / name).is_file()
@@ -189,15 +190,15 @@ def test_benchmark_reports_a_failed_run_and_ranks_the_others(tiny_data, tmp_path
     root = tmp_path / "bench"
     args = _bench_args(tiny_data, root, seeds="0")
     args[0] = "--methods=ddpm,ae"
-    run_one = benchmark.run_one
+    run_one = running.run_one
 
     def ae_fails(entry, *rest):
         if entry.key == "ae":
             raise RuntimeError("disk on fire")
         return run_one(entry, *rest)
 
-    monkeypatch.setattr(benchmark, "run_one", ae_fails)
-    assert benchmark.main(args) == 1
+    monkeypatch.setattr(running, "run_one", ae_fails)
+    assert cli.main(args) == 1
     out = capsys.readouterr().out
     assert "AE seed 0: FAILED (RuntimeError: disk on fire)" in out
     board = json.loads((root / "leaderboard.json").read_text())
@@ -212,7 +213,7 @@ def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_pa
     root = tmp_path / "bench"
     args = _bench_args(tiny_data, root, seeds="0")
     args[0], args[2] = "--methods=ae", "--budget=full,short"
-    assert benchmark.main(args) == 0
+    assert cli.main(args) == 0
     curve = json.loads((root / "budget_curve.json").read_text())
     rows = {(r["budget"], r["kind"]): r for r in curve["rows"] if r["method"] == "AE"}
     # AE reads T2: its threshold row joins, untrained (0 steps) at every budget.
@@ -229,24 +230,24 @@ def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_pa
     assert "| AE |" in (root / "budget_curve.md").read_text()
     board = json.loads((root / "leaderboard.json").read_text())
     assert board["protocol"]["budget"] in ("", "full")
-    assert benchmark.main([*args[:2], "--budget=short,short", *args[3:]]) == 2
+    assert cli.main([*args[:2], "--budget=short,short", *args[3:]]) == 2
 
 
 def test_every_modality_a_method_reads_gets_its_threshold_row(tiny_data, tmp_path):
     """MMCCD reads FLAIR and T2: the FLAIR threshold joins the T2 baseline; a list without
     the baseline gets a T2 row of its own. A threshold row runs untrained."""
-    protocol = benchmark.Protocol(size="tiny", budget="")
-    keys = [e.key for e in benchmark.with_threshold_rows(
-        benchmark.parse_entries("ddpm,mmccd,threshold"), protocol)]
+    protocol = entries.Protocol(size="tiny", budget="")
+    keys = [e.key for e in entries.with_threshold_rows(
+        entries.parse_entries("ddpm,mmccd,threshold"), protocol)]
     assert keys == ["ddpm", "mmccd", "threshold", "threshold:flair"]
-    keys = [e.key for e in benchmark.with_threshold_rows(
-        benchmark.parse_entries("disyre"), protocol)]
+    keys = [e.key for e in entries.with_threshold_rows(
+        entries.parse_entries("disyre"), protocol)]
     assert keys == ["disyre", "threshold:t2"]
-    assert benchmark.parse_entry("threshold:flair").label == "intensity threshold, FLAIR"
+    assert entries.parse_entry("threshold:flair").label == "intensity threshold, FLAIR"
     root = tmp_path / "bench"
     args = _bench_args(tiny_data, root, seeds="0")
     args[0] = "--methods=threshold:flair"
-    assert benchmark.main(args) == 0
+    assert cli.main(args) == 0
     board = json.loads((root / "leaderboard.json").read_text())
     assert [r["label"] for r in board["rows"]] == ["intensity threshold, FLAIR"]
     res = json.loads((root / "threshold-tiny_flair" / "seed0" / "eval_benchmark" /
@@ -256,9 +257,9 @@ def test_every_modality_a_method_reads_gets_its_threshold_row(tiny_data, tmp_pat
 
 def test_benchmark_refuses_bad_arguments_before_running(tiny_data, tmp_path, capsys):
     root = tmp_path / "bench"
-    assert benchmark.main([*_bench_args(tiny_data, root), "--override=train.nope=1"]) == 2
+    assert cli.main([*_bench_args(tiny_data, root), "--override=train.nope=1"]) == 2
     assert "the config has no key 'nope'" in capsys.readouterr().err
-    assert benchmark.main([*_bench_args(tiny_data, root), "--methods=ddpm,nope"]) == 2
+    assert cli.main([*_bench_args(tiny_data, root), "--methods=ddpm,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not list(root.glob("*/seed*"))  # nothing was started
 
@@ -272,19 +273,52 @@ def test_logged_train_seconds_of_runs_trained_elsewhere(tmp_path):
             json.dumps({"step": s, "split": "train", "slices_per_s": v}) for s, v in lines)
             + "\n" + json.dumps({"step": 100, "split": "val", "loss": 1.0}) + "\n")
     expected = 50 * 8 / 8.0 + 50 * 8 / 16.0 + 100 * 16 / 32.0
-    assert benchmark.logged_train_seconds(str(tmp_path)) == pytest.approx(expected)
-    assert benchmark.logged_train_seconds(str(tmp_path / "missing")) is None
+    assert running.logged_train_seconds(str(tmp_path)) == pytest.approx(expected)
+    assert running.logged_train_seconds(str(tmp_path / "missing")) is None
 
 
 def test_a_run_folder_is_not_reused_under_another_dataset_or_overrides(tmp_path):
-    phantom = benchmark.Protocol()
-    real = benchmark.Protocol(dataset_dir="data/ixi_brats")
-    benchmark.check_protocol(str(tmp_path / "a"), phantom)
-    benchmark.check_protocol(str(tmp_path / "a"), phantom)  # same protocol: fine
+    phantom = entries.Protocol()
+    real = entries.Protocol(dataset_dir="data/ixi_brats")
+    running.check_protocol(str(tmp_path / "a"), phantom)
+    running.check_protocol(str(tmp_path / "a"), phantom)  # same protocol: fine
     with pytest.raises(ValueError, match="use another --root"):
-        benchmark.check_protocol(str(tmp_path / "a"), real)
+        running.check_protocol(str(tmp_path / "a"), real)
     (tmp_path / "old").mkdir()  # a run made before protocols were recorded (the phantom)
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="use another --root"):
-        benchmark.check_protocol(str(tmp_path / "old"), real)
-    benchmark.check_protocol(str(tmp_path / "old"), phantom)
+        running.check_protocol(str(tmp_path / "old"), real)
+    running.check_protocol(str(tmp_path / "old"), phantom)
+
+
+def test_published_budget_curves_accumulate_across_commands(tmp_path):
+    """A second benchmark command's budget curve joins the published one: its rows replace
+    those of the same method, budget and kind; the others stay, each with its command."""
+    stat = {"mean": 0.5, "std": 0.0, "n": 1}
+
+    def row(method, budget, kind, steps, dice=0.5):
+        return {"method": method, "budget": budget, "kind": kind, "steps": steps, "seeds": 1,
+                "dice": {**stat, "mean": dice}, "auprc": stat}
+
+    published = {"rows": [row("DISYRE", "short", "tumour", 300),
+                          row("MMCCD", "short", "tumour", 300, dice=0.1)],
+                 "command": "bench --methods=disyre", "phantom_generator": 3}
+    new = {"rows": [row("MMCCD", "short", "tumour", 300, dice=0.2),
+                    row("MMCCD", "long", "tumour", 3000, dice=0.4)],
+           "command": "bench --methods=mmccd", "phantom_generator": 3}
+    merged = cli.merge_budget_curves(published, new)
+    got = {(r["method"], r["budget"]): (r["dice"]["mean"], r["command"]) for r in merged["rows"]}
+    assert got == {("DISYRE", "short"): (0.5, "bench --methods=disyre"),
+                   ("MMCCD", "short"): (0.2, "bench --methods=mmccd"),
+                   ("MMCCD", "long"): (0.4, "bench --methods=mmccd")}
+    root, target = tmp_path / "root", tmp_path / "docs"
+    root.mkdir()
+    target.mkdir()
+    (root / "budget_curve.json").write_text(json.dumps(new))
+    (target / "budget_curve.json").write_text(json.dumps(published))
+    cli.publish_budget_curve(str(root), str(target))
+    on_disk = json.loads((target / "budget_curve.json").read_text())
+    assert len(on_disk["rows"]) == 3
+    text = (target / "budget_curve.md").read_text()
+    assert "`bench --methods=disyre`" in text and "`bench --methods=mmccd`" in text
+    assert "| DISYRE |" in text and (target / "budget_curve.png").stat().st_size > 0

@@ -1,0 +1,7 @@
+"""`python -m uadjax.benchmark`."""
+
+import sys
+
+from uadjax.benchmark.cli import main
+
+sys.exit(main())
