@@ -111,6 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.resample_num_steps = None
     c.resample_eta = 1.0
     c.mask_sigma = 2.0             # Gaussian smoothing of the upsampled mask, pixels (ours)
+    # Snap the healed latents to the codebook before decoding (MONAI GenerativeModels'
+    # VQVAE.decode_stage_2_outputs quantises; Pinaya et al. do not say). Off: ours, until
+    # benchmarks/ldm_checks.py (issue 22, check c) has measured it on a trained run.
+    c.requantize = False
 
     # Stage recipes. VQ-VAE: Adam 1e-4 (MONAI tutorial), no weight EMA (the EMA codebook
     # lives outside the parameters, so an EMA of the encoder would not match it).

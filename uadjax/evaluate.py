@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from uadjax import atomic, metrics, parallel, protocol, report, runs
+from uadjax import atomic, metrics, parallel, protocol, report, results, runs
 from uadjax.data import builder, pipeline, schema
 from uadjax.inference.scoring import make_batch_scorer, score_volumes
 from uadjax.methods import get_method
@@ -117,6 +117,7 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
                    # wall time of scoring per volume, data loading included (compilation not)
                    "seconds_per_volume": score_seconds / max(num_volumes, 1),
                    "metric_seconds": seconds},
+        "schema_version": results.SCHEMA_VERSION,
     }
     with atomic.staged_dir(out_dir) as stage:  # all outputs of this evaluation, or none
         _write_outputs(str(stage), summary, rows, sources, processed, config)
@@ -130,7 +131,9 @@ def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
     all_results, calibration, timing = summary["results"], summary["calibration"], summary["timing"]
     num_slices, score_seconds = timing["slices_scored"], timing["score_seconds"]
     compile_seconds = timing["compile_seconds"]
-    atomic.write_json(os.path.join(out_dir, "results.json"), summary)
+    # through the typed schema: what is written is what every reader checks on loading
+    results.EvaluationResults.from_json(summary).save(
+        os.path.join(out_dir, results.RESULTS_FILE))
     save_examples(os.path.join(out_dir, EXAMPLES_FILE), sources[config.method],
                   processed[config.method], config.eval.num_figures)
     atomic.write_json(os.path.join(out_dir, "calibration.json"), calibration)

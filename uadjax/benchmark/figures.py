@@ -49,7 +49,8 @@ def save_figures(root: str, entries: list[Entry], records: dict, board: dict) ->
             written.append(_save(fig, os.path.join(root, f"maps_{kind}.png")))
         fig, ax = plt.subplots(figsize=(4.2, 4.2))
         for e in present:
-            curve = results_of(e, records[e.key][0])["kinds"].get(kind, {}).get("pr_curve")
+            found = results_of(e, records[e.key][0]).kinds.get(kind)
+            curve = found.pr_curve if found is not None else None
             if curve is None and e.is_baseline:
                 continue
             if curve:

@@ -17,17 +17,19 @@ import numpy as np
 from configs.benchmark import KIND_DATASETS, PAPER_RESULTS, PAPER_SOURCE
 from uadjax.benchmark.entries import KINDS_ORDER, Entry, Protocol, build_config, protocol_steps
 from uadjax.benchmark.running import read_json
+from uadjax.results import ORACLE, EvaluationResults, KindResults, MethodResults
 
 
-def results_of(entry: Entry, record: dict) -> dict:
-    res = record["results"]["results"]
-    return res.get("threshold" if entry.is_baseline else record["results"]["method"],
-                   {"kinds": {}})  # no baseline when eval.baseline is off
+def results_of(entry: Entry, record: dict) -> MethodResults:
+    """The entry's results in a run's record (the baseline: the threshold scored beside)."""
+    evaluation: EvaluationResults = record["results"]
+    name = "threshold" if entry.is_baseline else evaluation.method
+    # no baseline when eval.baseline is off
+    return evaluation.results.get(name, MethodResults(kinds={}))
 
 
 def _kinds(records: dict) -> list[str]:
-    found = {kind for recs in records.values() for r in recs
-             for kind in r["results"]["results"][r["results"]["method"]]["kinds"]}
+    found = {kind for recs in records.values() for r in recs for kind in r["results"].of().kinds}
     return [k for k in KINDS_ORDER if k in found] + sorted(found - set(KINDS_ORDER))
 
 
@@ -39,14 +41,15 @@ def _mean_std(values) -> dict:
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def _kind_metrics(kind_entry: dict) -> dict:
-    """The per-volume means of one run for one lesion kind (None where not computed)."""
-    val = kind_entry.get("val", {}).get("per_volume", {})
-    oracle = kind_entry.get("oracle", {}).get("per_volume", {})
-    return {"dice": val.get("dice", {}).get("mean"), "auprc": val.get("ap", {}).get("mean"),
-            "auroc": val.get("auroc", {}).get("mean"),
-            "dice_oracle": oracle.get("dice", {}).get("mean"),
-            "healthy_fp_ml": kind_entry.get("healthy_fp_volume_ml", {}).get("mean")}
+def _kind_metrics(kind: KindResults | None) -> dict:
+    """The per-volume means of one run for one lesion kind (NaN where not computed)."""
+    if kind is None:
+        return dict.fromkeys(("dice", "auprc", "auroc", "dice_oracle", "healthy_fp_ml"),
+                             math.nan)
+    fp = kind.healthy_fp_volume_ml
+    return {"dice": kind.mean("dice"), "auprc": kind.mean("ap"), "auroc": kind.mean("auroc"),
+            "dice_oracle": kind.mean("dice", ORACLE),
+            "healthy_fp_ml": fp["mean"] if fp else math.nan}
 
 
 def network_evaluations_per_volume(entry: Entry, protocol: Protocol, record: dict) -> float:
@@ -57,7 +60,7 @@ def network_evaluations_per_volume(entry: Entry, protocol: Protocol, record: dic
         return 0.0
     config = build_config(entry, protocol, 0)
     per_slice = sum(get_method(config.method).network_evaluations(config).values())
-    timing = record["results"]["timing"]
+    timing = record["results"].timing
     return per_slice * timing["slices_scored"] / max(timing["volumes_scored"], 1)
 
 
@@ -80,7 +83,7 @@ def per_volume_dice(entry: Entry, records: list[dict], kind: str) -> dict[str, f
     method = "threshold" if entry.is_baseline else None
     by_subject: dict[str, list] = {}
     for record in records:
-        name = method or record["results"]["method"]
+        name = method or record["results"].method
         for row in record["subjects"]:
             if row["method"] == name and row["kind"] == kind and row["threshold_source"] == "val":
                 by_subject.setdefault(row["subject_id"], []).append(float(row["dice"]))
@@ -102,14 +105,14 @@ def leaderboard(entries: list[Entry], protocol: Protocol, records: dict,
         row = {"key": entry.key, "label": entry.name(), "seeds": len(recs),
                "kinds": {}, "reconstruction": None}
         for kind in kinds:
-            per_run = [_kind_metrics(results_of(entry, r)["kinds"].get(kind, {})) for r in recs]
+            per_run = [_kind_metrics(results_of(entry, r).kinds.get(kind)) for r in recs]
             row["kinds"][kind] = {m: _mean_std([p[m] for p in per_run])
                                   for m in ("dice", "auprc", "auroc", "dice_oracle",
                                             "healthy_fp_ml")}
             paper = paper_number(entry, kind, protocol, datasets)
             if paper:
                 row["kinds"][kind]["paper"] = paper
-        recon = [r["results"].get("reconstruction") for r in recs]
+        recon = [r["results"].reconstruction for r in recs]
         if not entry.is_baseline and all(recon):
             row["reconstruction"] = {
                 **{k: _mean_std([q["healthy"][k]["mean"] for q in recon])
@@ -120,7 +123,7 @@ def leaderboard(entries: list[Entry], protocol: Protocol, records: dict,
             row["train_seconds"] = _mean_std([r["train_seconds"] for r in recs])
             row["train_seconds_estimated"] = any(r.get("train_seconds_estimated") for r in recs)
             row["seconds_per_volume"] = _mean_std(
-                [r["results"]["timing"]["seconds_per_volume"] for r in recs])
+                [r["results"].timing["seconds_per_volume"] for r in recs])
             row["network_evaluations_per_volume"] = network_evaluations_per_volume(
                 entry, protocol, recs[0])
         rows.append(row)
@@ -318,8 +321,8 @@ def budget_curve(entries: list[Entry], by_budget: dict) -> dict:
         for entry in entries:
             recs = records.get(entry.key, [])
             for kind in kinds:
-                metrics = [_kind_metrics(results_of(entry, r)["kinds"][kind]) for r in recs
-                           if kind in results_of(entry, r)["kinds"]]
+                metrics = [_kind_metrics(results_of(entry, r).kinds[kind]) for r in recs
+                           if kind in results_of(entry, r).kinds]
                 if not metrics:
                     continue
                 rows.append({"method": entry.name(), "budget": protocol.budget or "full",

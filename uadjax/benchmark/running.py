@@ -23,6 +23,7 @@ from uadjax.benchmark.entries import (
     parse_entry,
     run_dir,
 )
+from uadjax.results import RESULTS_FILE, EvaluationResults
 
 
 class TrainingStopped(RuntimeError):
@@ -82,12 +83,13 @@ def _train_and_evaluate(config, workdir: str, out_dir: str) -> None:
 
 
 def record(workdir: str, out_dir: str) -> dict | None:
-    """A finished run as the leaderboard reads it: {'results': results.json, 'subjects':
+    """A finished run as the leaderboard reads it: {'results': its EvaluationResults, 'subjects':
     per-volume rows of subjects.csv, 'train_seconds' (None when trained elsewhere),
     'workdir', 'out_dir'}; None when it is not evaluated."""
-    results = read_json(os.path.join(out_dir, "results.json"))
-    if results is None:
+    path = os.path.join(out_dir, RESULTS_FILE)
+    if not os.path.exists(path):
         return None
+    results = EvaluationResults.load(path)  # ResultsError: the file and the problem
     measured = (read_json(os.path.join(workdir, TIMING_FILE)) or {}).get("train_seconds")
     return {"results": results, "workdir": workdir, "out_dir": out_dir,
             "subjects": _read_subjects(os.path.join(out_dir, "subjects.csv")),

@@ -44,6 +44,7 @@ from uadjax.inference.sweep import sweep, weighted_mean
 from uadjax.methods import shared
 from uadjax.methods.base import Method, Stage
 from uadjax.models import make_model
+from uadjax.models.vqvae import nearest_code
 
 KL_LOG10_RANGE = (-8.0, 4.0)  # histogram range of log10 KL (nats); values outside are clipped
 
@@ -345,22 +346,38 @@ def kl_threshold(model: Calibrated, config):
 # ------------------------------------------------------------------------------ score
 
 
-def anomaly_maps(model: Calibrated, batch, key, config) -> dict:
+def requantize(vqvae: nnx.Module, z0: jax.Array, scale) -> jax.Array:
+    """Scaled latents z0 [B, h, w, D] snapped to the nearest codebook vectors (as MONAI
+    GenerativeModels' VQ-VAE `decode_stage_2_outputs` does before decoding), still scaled."""
+    codebook = vqvae.quantizer.embedding[...]
+    z_q = vqvae.quantizer.lookup(nearest_code(z0 / scale, codebook))
+    return scale * z_q
+
+
+def anomaly_maps(model: Calibrated, batch, key, config, *, mask=None) -> dict:
     """Every intermediate of the score (see the module docstring) -> {'score': [B, H, W],
     'reconstruction': [B, H, W, M] healed image, 'latent_kl': [B, h, w], 'latent_mask':
-    [B, h, w] bool, 'z0', 'healed_z': [B, h, w, D]}."""
+    [B, h, w] bool, 'z0', 'healed_z': [B, h, w, D]}.
+
+    mask: [B, h, w] bool latent positions to heal instead of the KL mask (diagnostics, e.g.
+    the downsampled ground truth as an oracle). `ldm.requantize` snaps the healed latents to
+    the codebook before decoding.
+    """
     ldm = model.ldm
     lcfg = config.ldm
     image = batch["image"]
     k_kl, k_res = jax.random.split(key)
     z0 = ldm.latents(image)
     kl = _kl_map(ldm, z0, k_kl, config)
-    mask = kl > kl_threshold(model, config)
+    if mask is None:
+        mask = kl > kl_threshold(model, config)
     healed_z = masked_resample(
         shared.model_fn_of(ldm.unet), shared.schedule_of(config), z0=z0, mask=mask,
         t_start=lcfg.resample_t_start, key=k_res, prediction_type=config.diffusion.prediction,
         sampler=lcfg.resample_sampler, num_steps=lcfg.get("resample_num_steps", None),
         eta=lcfg.get("resample_eta", 1.0), clip_x0=lcfg.get("clip_x0", None))
+    if lcfg.get("requantize", False):
+        healed_z = requantize(ldm.vqvae, healed_z, ldm.latent_scale[...])
     healed = jnp.clip(ldm.decode(healed_z), 0.0, 1.0)
     f = ldm.vqvae.downsample
     up = jnp.repeat(jnp.repeat(mask.astype(jnp.float32), f, axis=1), f, axis=2)
