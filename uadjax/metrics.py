@@ -17,6 +17,9 @@ Conventions (see docs/methods.md, Evaluation protocol and Evaluation conventions
 * ``assd`` returns ``inf`` when exactly one mask is empty and ``nan`` when both are.
   ``summarize`` averages finite values only and reports the ``nan`` and ``inf`` counts.
 * Thresholds binarise with ``score > threshold`` everywhere (as ``postprocess.binarize``).
+
+Size: about 600 lines, one module for every metric and threshold rule, each tested against
+scikit-learn or SciPy in tests/test_metrics.py; the evaluation protocol is `uadjax.protocol`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ names the source of each, and `benchmarks/phantom_calibration.py` measures the p
 against them.
 
 The dataset folder follows docs/CONTRACTS.md; `generate_dataset` writes it atomically.
+
+Size: about 540 lines: the generator's driver (plan, subjects, manifest, caching); anatomy,
+lesions, signal, regions and references are their own modules.
 """
 
 from __future__ import annotations

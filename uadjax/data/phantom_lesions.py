@@ -10,6 +10,8 @@ so each lesion's contrast in every modality follows from its compartment's relax
 times; 'flair_contrast' (the `subtle` variant) sets s from a target FLAIR contrast over
 white matter drawn uniformly (`phantom_signal.severity_for_flair_contrast`).
 The label is seg = (L >= 0.5): exactly the voxels where lesion tissue was inserted.
+
+Size: about 520 lines: the three lesion models, their shared geometry and site choice.
 """
 
 from __future__ import annotations

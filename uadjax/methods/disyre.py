@@ -43,6 +43,9 @@ Anomaly score (`score_fn`), per window of a Gaussian-blended sliding window over
                conditions on "weak anomaly" labels while stepping as if they were strong ones.
 Then AS *= (foreground fraction of the window) * foreground ("DISYRE f.w."), averaged over
 channels, and the windows are blended (`uadjax.inference.sliding_window`).
+
+Size: about 560 lines: a method is one module (corruption, shapes, restoration, sliding-
+window score); splitting it would scatter one method over several files.
 """
 
 from __future__ import annotations
