@@ -11,6 +11,7 @@ from helpers_methods import Halver, perturbed, random_batch, run_tiny_end_to_end
 
 from configs import pddpm as pddpm_configs
 from uadjax import diffusion
+from uadjax.inference import patches
 from uadjax.methods import get_method, pddpm, shared
 from uadjax.models import make_model
 
@@ -42,7 +43,7 @@ def _random_unet(config, seed=0):
 @pytest.mark.parametrize("image_size,size,stride", [
     (96, 48, 48), (96, 48, 24), (64, 32, 32), (16, 8, 3), ((16, 12), 8, 5), (10, 10, 1)])
 def test_patches_cover_every_pixel(image_size, size, stride):
-    positions = pddpm.patch_positions(image_size, size, stride)
+    positions = patches.patch_positions(image_size, size, stride)
     masks = pddpm.patch_masks(image_size, size, stride)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     assert masks.shape == (len(positions), height, width)
@@ -53,13 +54,13 @@ def test_patches_cover_every_pixel(image_size, size, stride):
 
 
 def test_paper_grid_and_overlap_positions():
-    grid = pddpm.patch_positions(96, 48, 48)
+    grid = patches.patch_positions(96, 48, 48)
     assert grid.tolist() == [[0, 0], [0, 48], [48, 0], [48, 48]]
     np.testing.assert_array_equal(pddpm.patch_masks(96, 48, 48).sum(0), 1.0)
-    overlap = pddpm.patch_positions(96, 48, 24)
+    overlap = patches.patch_positions(96, 48, 24)
     assert sorted({int(r) for r in overlap[:, 0]}) == [0, 24, 48]
     # A stride that does not divide: 0, 3, 6 and the border position 8.
-    uneven = pddpm.patch_positions(16, 8, 3)
+    uneven = patches.patch_positions(16, 8, 3)
     assert sorted({int(r) for r in uneven[:, 0]}) == [0, 3, 6, 8] and len(uneven) == 16
 
 
@@ -67,7 +68,7 @@ def test_paper_grid_and_overlap_positions():
     (17, 8, "larger than the image"), (0, 1, "size"), (8, 0, "stride"), (8, 9, "stride")])
 def test_bad_geometry_raises(size, stride, match):
     with pytest.raises(ValueError, match=match):
-        pddpm.patch_positions(16, size, stride)
+        patches.patch_positions(16, size, stride)
 
 
 def test_random_training_boxes_stay_inside():
