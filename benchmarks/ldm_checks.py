@@ -185,8 +185,9 @@ def main(argv):
     # (a)
     result["a_kl"] = kl_figures(per_timestep_kl(model, lesions, config, _BATCH.value),
                                 lesions, factor, threshold)
-    print("(a) lesion cells against healthy in-brain cells: " + ", ".join(
-        f"{k} AUROC {v['auroc']:.3f}" for k, v in result["a_kl"].items() if "auroc" in v))
+    order = [f"t{int(t)}" for t in config.ldm.kl_timesteps] + ["mean"]
+    print("(a) lesion cells against healthy in-brain cells, AUROC: " + ", ".join(
+        f"{k} {result['a_kl'][k]['auroc']:.3f}" for k in order))
     print(f"    recall at the threshold {result['a_kl']['mean']['recall_at_threshold']:.3f}, "
           f"healthy cells flagged {result['a_kl']['mean']['healthy_cells_flagged']:.3f}",
           flush=True)

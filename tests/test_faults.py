@@ -45,6 +45,13 @@ main.run()
 STEPS = 16
 
 
+# The step-dependent parts of the real recipe (configs/common.cpu_training): an EMA of the
+# weights, warm-up then cosine decay, gradient clipping. The kill / resume tests train with
+# them, so a resume that lost the step count or the EMA would not be bitwise identical.
+RECIPE = {"ema_decay": 0.99, "warmup_steps": 3, "lr_schedule": "cosine", "grad_clip": 1.0,
+          "learning_rate": 1e-3}
+
+
 def _config(tiny_data, **train):
     config = ddpm.get_config("tiny")
     config.data.phantom_dir = tiny_data.phantom_dir
@@ -62,6 +69,11 @@ def _cli_args(config, workdir):
             f"--config.train.num_steps={t.num_steps}",
             f"--config.train.checkpoint_every_steps={t.checkpoint_every_steps}",
             f"--config.train.log_every_steps={t.log_every_steps}",
+            f"--config.train.ema_decay={t.ema_decay}",
+            f"--config.train.warmup_steps={t.warmup_steps}",
+            f"--config.train.lr_schedule={t.lr_schedule}",
+            f"--config.train.grad_clip={t.grad_clip}",
+            f"--config.train.learning_rate={t.learning_rate}",
             "--config.train.val_every_steps=0", "--config.train.tensorboard=False"]
 
 
@@ -93,9 +105,17 @@ def _saved_state(config, workdir, step=None):
 
 
 def _assert_same_weights(a, b):
-    for key in ("params", "ema_params", "opt_state"):
+    for key in ("step", "params", "ema_params", "opt_state"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key]), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def _assert_ema_is_its_own_state(state):
+    """With EMA on, the averaged weights differ from the raw ones (else comparing both
+    would compare the parameters twice)."""
+    pairs = zip(jax.tree.leaves(state["ema_params"]), jax.tree.leaves(state["params"]),
+                strict=True)
+    assert not all(np.array_equal(e, p) for e, p in pairs)
 
 
 def _checkpoints(workdir):
@@ -108,8 +128,9 @@ def _finished_steps(workdir) -> int:
 
 def test_kill9_at_random_moments_and_sigterm_then_rerun_is_bitwise_identical(tiny_data,
                                                                            tmp_path):
-    config = _config(tiny_data)
+    config = _config(tiny_data, **RECIPE)
     straight = _train(config, tmp_path / "straight")["state"]
+    _assert_ema_is_its_own_state(jax.device_get(straight))
     workdir = tmp_path / "killed"
     args = [*_cli_args(config, workdir)]
 
@@ -173,8 +194,9 @@ def _flip_bytes(step_dir):
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_path):
-    config = _config(tiny_data, num_steps=4, checkpoint_every_steps=2)
+    config = _config(tiny_data, num_steps=4, checkpoint_every_steps=2, **RECIPE)
     straight = _train(config, tmp_path / "straight")["state"]
+    _assert_ema_is_its_own_state(jax.device_get(straight))
     workdir = tmp_path / "run"
     _train(config, workdir)
     ckpt_dir = workdir / "diffusion" / "checkpoints"

@@ -1,16 +1,18 @@
 """Trainer: sharded == single device, kill/resume == uninterrupted, non-finite and SIGTERM."""
 
 import copy
+import math
 import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers_train import NanBatches
 
 from configs import ddpm
-from uadjax import checkpointing, jobs, parallel, train
+from uadjax import checkpointing, jobs, parallel, train, train_state
 from uadjax.methods import get_method
 
 
@@ -62,16 +64,20 @@ def _train(config, workdir, *, stop_at_step=None):
                              progress=False, stop_at_step=stop_at_step)
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_run, tmp_path):
-    config = _tiny_config(tiny_run, num_steps=4, checkpoint_every_steps=100, val_every_steps=0)
+def test_stop_and_resume_in_process_equals_uninterrupted(tiny_run, tmp_path):
+    """A graceful stop (`stop_at_step`, as after SIGTERM) and a resume in the same process
+    give the uninterrupted run's state bitwise, with the step-dependent recipe on (EMA,
+    warm-up + cosine, clipping). Real kills (SIGKILL) are tests/test_faults.py's."""
+    config = _tiny_config(tiny_run, num_steps=4, checkpoint_every_steps=100, val_every_steps=0,
+                          ema_decay=0.99, warmup_steps=2, lr_schedule="cosine", grad_clip=1.0)
     straight = _train(config, str(tmp_path / "straight"))
     first = _train(config, str(tmp_path / "resumed"), stop_at_step=2)
     assert first["step"] == 2
     resumed = _train(config, str(tmp_path / "resumed"))
     assert resumed["step"] == 4
-    for key in ("params", "ema_params", "opt_state"):
+    for key in ("step", "params", "ema_params", "opt_state", "rest"):
         for a, b in zip(jax.tree.leaves(jax.device_get(straight["state"][key])),
-                        jax.tree.leaves(jax.device_get(resumed["state"][key]))):
+                        jax.tree.leaves(jax.device_get(resumed["state"][key])), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -134,10 +140,50 @@ def test_sigterm_saves_and_resume_finishes(tiny_run, tmp_path):
     assert _train(config, workdir)["step"] == 5
 
 
-def test_optimizer_schedules():
-    cfg = ddpm.get_config("cpu").train
-    tx = train.make_optimizer(cfg)
-    assert tx is not None
+def test_optimizer_schedules_against_closed_forms():
+    """Warm-up and cosine learning rates at chosen steps, and global-norm clipping."""
+    cfg = ddpm.get_config("cpu").train  # lr 1e-3, warm-up 50, cosine to 1 % at 1000 steps
+    lr, warmup, total = cfg.learning_rate, cfg.warmup_steps, cfg.num_steps
+    schedule = train_state.learning_rate_schedule(cfg)
+    end = 0.01 * lr
+
+    def cosine(step):
+        return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * (step - warmup) /
+                                                       (total - warmup)))
+
+    for step, expected in [(0, 0.0), (10, lr * 10 / warmup), (warmup, lr),
+                           (300, cosine(300)), (total - 1, cosine(total - 1)), (total, end),
+                           (total + 100, end)]:
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+    constant = copy.deepcopy(cfg)
+    constant.lr_schedule, constant.warmup_steps = "constant", 4
+    schedule = train_state.learning_rate_schedule(constant)
+    assert [float(schedule(s)) for s in (0, 2, 4, 500)] == pytest.approx(
+        [0.0, lr / 2, lr, lr])
+    constant.warmup_steps = 0
+    assert train_state.learning_rate_schedule(constant) == lr
+    # Clipping: a first gradient of norm 100 or 1000 (same direction) clips to norm 1, so
+    # with the same small second gradient (norm < 1, not clipped) two Adam steps give the
+    # same updates; without clipping Adam's moments remember the scale and they differ.
+    params = {"w": jnp.zeros(4)}
+    direction = jnp.array([1.0, -2.0, 0.5, 3.0])
+    direction = direction / jnp.linalg.norm(direction)
+    second = jnp.array([0.3, 0.1, -0.2, 0.4])
+
+    def two_steps(tcfg, scale):
+        tx = train.make_optimizer(tcfg)
+        state = tx.init(params)
+        up1, state = tx.update({"w": scale * direction}, state, params)
+        up2, _ = tx.update({"w": second}, state, params)
+        return np.concatenate([np.asarray(up1["w"]), np.asarray(up2["w"])])
+
+    clipped = copy.deepcopy(constant)
+    clipped.grad_clip = 1.0
+    np.testing.assert_allclose(two_steps(clipped, 100.0), two_steps(clipped, 1000.0),
+                               rtol=1e-6)
+    unclipped = copy.deepcopy(constant)
+    unclipped.grad_clip = 0.0
+    assert not np.allclose(two_steps(unclipped, 100.0), two_steps(unclipped, 1000.0))
     with pytest.raises(ValueError, match="unknown optimizer"):
         bad = copy.deepcopy(cfg)
         bad.optimizer = "sgd"

@@ -28,6 +28,21 @@ def stage_config(config, stage_name: str):
     return config
 
 
+def learning_rate_schedule(cfg):
+    """The learning rate of `cfg` (a float, or step -> rate): 'constant' after an optional
+    linear warm-up from 0 over `warmup_steps`; 'cosine' = that warm-up, then a cosine decay
+    to 1 % of the peak at `num_steps`."""
+    lr = cfg.learning_rate
+    warmup = int(cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1), end_value=lr * 0.01)
+    if warmup:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    return lr
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """Adam/AdamW with optional warm-up, cosine decay and global-norm clipping.
 
@@ -35,16 +50,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     ('adam'|'adamw'), learning_rate, weight_decay, warmup_steps, lr_schedule
     ('constant'|'cosine'), num_steps, grad_clip (0 disables), b1, b2.
     """
-    lr = cfg.learning_rate
-    warmup = int(cfg.warmup_steps)
-    if cfg.lr_schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1), end_value=lr * 0.01)
-    elif warmup:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-    else:
-        schedule = lr
+    schedule = learning_rate_schedule(cfg)
     name = cfg.optimizer
     b1, b2 = cfg.b1, cfg.b2
     if name == "adam":
