@@ -256,20 +256,40 @@ def test_checkpoint_of_another_method_or_network_is_refused(tiny_data, tmp_path)
 
 
 def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, capsys):
-    config = _config(tiny_data, num_steps=5, checkpoint_every_steps=5, on_non_finite="skip",
-                     max_skipped_steps=1)
+    """'skip': the NaN batch's update is dropped (parameters, EMA and optimiser state after
+    it equal those before it); 'stop' (past max_skipped_steps): the run raises naming the
+    step and the last checkpoint is the last good state."""
+    config = _config(tiny_data, num_steps=5, checkpoint_every_steps=1, max_checkpoints=10,
+                     on_non_finite="skip", max_skipped_steps=1, **RECIPE)
     stage = _stage()
     data = jobs.make_train_data(config, stage)
-    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i == 2)
+    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i == 2)  # step 3
     out = train.train_stage(stage, config, str(tmp_path / "skip"), data, progress=False)
     assert out["finished"] and "non-finite loss or gradient at step(s) [2]" in capsys.readouterr().out
+    before = _saved_state(config, str(tmp_path / "skip"), step=2)
+    after = _saved_state(config, str(tmp_path / "skip"), step=3)
+    for key in ("params", "ema_params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key]), strict=True):
+            np.testing.assert_array_equal(x, y)
+    later = _saved_state(config, str(tmp_path / "skip"), step=4)  # good batches train again
+    assert not all(np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(after["params"]), jax.tree.leaves(later["params"]), strict=True))
     saved = _saved_state(config, str(tmp_path / "skip"))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
-    # Past max_skipped_steps the run stops, naming the step; the checkpoint stays finite.
+    # Past max_skipped_steps the run stops, naming the step; the last checkpoint is the
+    # state before that step (finite, the earlier skipped step dropped as well).
     data = jobs.make_train_data(config, stage)
-    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i in (1, 3))
+    data.train_iter = NanBatches(data.train_iter, bad=lambda i: i in (1, 3))  # steps 2, 4
     with pytest.raises(train.NonFiniteLossError, match="last at step 3"):
         train.train_stage(stage, config, str(tmp_path / "stop"), data, progress=False)
+    assert _finished_steps(tmp_path / "stop") == 3
+    kept = _saved_state(config, str(tmp_path / "stop"))
+    assert int(kept["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(kept))
+    first = _saved_state(config, str(tmp_path / "stop"), step=1)
+    second = _saved_state(config, str(tmp_path / "stop"), step=2)  # step 2 was skipped
+    for x, y in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(second["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def _two_scans(tiny_run, folder):
