@@ -2,8 +2,7 @@
 
 METHODS is the `--methods=all` list, in leaderboard order: key (the `--methods` name), the
 config file (configs/<config>.py), training and test-time modifiers, and the label. The
-intensity threshold is read from the DDPM runs (evaluation scores it beside every method;
-it does not depend on the seed).
+intensity threshold is a method like the others (configs/threshold.py: no training stage).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ METHODS = (
     {"key": "ldm", "config": "ldm", "label": "LDM (Pinaya)"},
     {"key": "mmccd", "config": "mmccd", "label": "MMCCD"},
     {"key": "mmccd:cyclic", "config": "mmccd", "train_modifiers": "cyclic", "label": "Cyclic UNet"},
-    {"key": "threshold", "config": "ddpm", "label": "intensity threshold"},
+    {"key": "threshold", "config": "threshold", "label": "intensity threshold"},
 )
 
 

@@ -127,7 +127,8 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
     root = tmp_path / "bench"
     assert cli.main(_bench_args(tiny_data, root)) == 0
     out = capsys.readouterr().out
-    assert "[1/6] DDPM seed 0: started" in out and "[6/6] AE seed 1: done" in out
+    assert "[1/8] DDPM seed 0: started" in out
+    assert "[8/8] intensity threshold seed 1: done" in out  # an ordinary, untrained run
     assert "about" in out and "left" in out  # the estimate of what remains
     board = json.loads((root / "leaderboard.json").read_text())
     for name in board["figures"]:
@@ -136,12 +137,13 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
 
     # Every aggregate equals the mean (and sample std) of the per-seed results files.
     rows = {r["key"]: r for r in board["rows"]}
-    for key, source, eval_name in (("ddpm", "ddpm", "eval_benchmark"),
-                                   ("ddpm+ens", "ddpm", "eval_benchmark_ens"),
-                                   ("threshold", "threshold", "eval_benchmark")):
+    for key, folder, source, eval_name in (
+            ("ddpm", "ddpm-tiny", "ddpm", "eval_benchmark"),
+            ("ddpm+ens", "ddpm-tiny", "ddpm", "eval_benchmark_ens"),
+            ("threshold", "threshold-tiny", "threshold", "eval_benchmark")):
         per_seed = []
         for seed in (0, 1):
-            res = json.loads((root / "ddpm-tiny" / f"seed{seed}" / eval_name /
+            res = json.loads((root / folder / f"seed{seed}" / eval_name /
                               "results.json").read_text())
             per_seed.append(res["results"][source]["kinds"]["tumour"]["val"]["per_volume"])
         got = rows[key]["kinds"]["tumour"]
@@ -153,6 +155,14 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
         3 * rows["ddpm"]["network_evaluations_per_volume"])
     assert rows["ddpm"]["reconstruction"]["ssim"]["n"] == 2
     assert "reconstruction" not in rows["threshold"] or not rows["threshold"]["reconstruction"]
+    # The threshold run scores what the baseline beside the DDPM scores: the same numbers.
+    for seed in (0, 1):
+        own = json.loads((root / "threshold-tiny" / f"seed{seed}" / "eval_benchmark" /
+                          "results.json").read_text())["results"]["threshold"]
+        beside = json.loads((root / "ddpm-tiny" / f"seed{seed}" / "eval_benchmark" /
+                             "results.json").read_text())["results"]["threshold"]
+        for kind, entry in beside["kinds"].items():  # its own run adds the PR curve
+            assert {k: v for k, v in own["kinds"][kind].items() if k != "pr_curve"} == entry
     table = list(csv.DictReader(io.StringIO((root / "leaderboard.csv").read_text())))
     assert {r["metric"] for r in table} >= {"dice", "auprc", "auroc", "dice_oracle",
                                             "healthy_fp_ml", "seconds_per_volume", "ssim",

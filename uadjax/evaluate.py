@@ -8,6 +8,7 @@ protocol on the score volumes (post-processing, thresholds, metrics) is `uadjax.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import time
 
@@ -16,7 +17,7 @@ import numpy as np
 from uadjax import atomic, metrics, parallel, protocol, report, results, runs
 from uadjax.data import builder, pipeline, schema
 from uadjax.inference.scoring import make_batch_scorer, score_volumes
-from uadjax.methods import get_method
+from uadjax.methods import get_method, threshold
 
 
 def write_subjects_csv(path: str, rows_by_method: dict[str, list[dict]]) -> None:
@@ -68,6 +69,15 @@ def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL
     return out, index, compile_seconds or 0.0
 
 
+def baseline_volumes(split_volumes):
+    """The intensity-threshold baseline's score volumes from the same inputs, scored by the
+    threshold method's own function (all the inputs' channels)."""
+    return {split: {sid: dataclasses.replace(v, score=threshold.intensity_score(v.image),
+                                             reconstruction=None)
+                    for sid, v in vols.items()}
+            for split, vols in split_volumes.items()}
+
+
 def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
                    progress: bool = True) -> dict:
     """Scores, thresholds and measures; writes results.json, subjects.csv, report.md.
@@ -91,7 +101,7 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
         spacing[entry["id"]] = (sz, sx, sy)
     sources = {config.method: split_volumes}
     if config.eval.baseline and config.method != "threshold":
-        sources["threshold"] = protocol.baseline_volumes(split_volumes)
+        sources["threshold"] = baseline_volumes(split_volumes)
     all_results, rows, seconds, processed = {}, {}, {}, {}
     for name, vols in sources.items():
         processed[name] = protocol.postprocess_splits(vols, config.eval)

@@ -16,7 +16,6 @@ The job that scores the splits and writes the outputs is `uadjax.evaluate`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -179,14 +178,6 @@ def results_table(all_results: dict[str, dict]) -> str:
                 f"{cell('assd', 1.0)} | "
                 f"{100 * entry['oracle']['per_volume']['dice']['mean']:.1f} | {fp:.1f} |")
     return "\n".join(lines)
-
-
-def baseline_volumes(split_volumes):
-    """The intensity-threshold baseline's score volumes from the same inputs."""
-    return {split: {sid: dataclasses.replace(v, score=np.mean(v.image, axis=-1),
-                                             reconstruction=None)
-                    for sid, v in vols.items()}
-            for split, vols in split_volumes.items()}
 
 
 def calibrate(split_volumes, ecfg, scores: dict) -> dict:

@@ -37,14 +37,10 @@ class Entry:
     label: str = ""
 
     @property
-    def is_baseline(self) -> bool:
-        """The T2 threshold scored beside the DDPM runs (read from them, never run)."""
-        return self.key == "threshold"
-
-    @property
     def is_threshold(self) -> bool:
-        """Any intensity-threshold row (untrained): the baseline or `threshold:<modality>`."""
-        return self.is_baseline or self.config == "threshold"
+        """An intensity-threshold row (`threshold`, `threshold:<modality>`): an ordinary
+        method with no training stage."""
+        return self.config == "threshold"
 
     def name(self) -> str:
         return self.label or self.key
@@ -78,7 +74,7 @@ def parse_entries(text: str) -> list[Entry]:
 def with_threshold_rows(entries: list[Entry], protocol) -> list[Entry]:
     """`entries` plus an intensity-threshold row for every modality a listed method reads
     that no listed threshold row covers (MMCCD reads FLAIR: its fair baseline is the FLAIR
-    threshold, not only the T2 one). The `threshold` baseline covers the DDPM's modality."""
+    threshold, not only the T2 one). `threshold` thresholds its config's modality (T2)."""
     covered = set()
     for e in entries:
         if e.is_threshold:

@@ -51,7 +51,7 @@ def save_figures(root: str, entries: list[Entry], records: dict, board: dict) ->
         for e in present:
             found = results_of(e, records[e.key][0]).kinds.get(kind)
             curve = found.pr_curve if found is not None else None
-            if curve is None and e.is_baseline:
+            if curve is None and e.is_threshold:
                 continue
             if curve:
                 ax.plot(curve["recall"], curve["precision"], label=e.name(), lw=1)

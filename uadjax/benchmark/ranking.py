@@ -21,11 +21,9 @@ from uadjax.results import ORACLE, EvaluationResults, KindResults, MethodResults
 
 
 def results_of(entry: Entry, record: dict) -> MethodResults:
-    """The entry's results in a run's record (the baseline: the threshold scored beside)."""
+    """The results of the method the entry's run evaluated."""
     evaluation: EvaluationResults = record["results"]
-    name = "threshold" if entry.is_baseline else evaluation.method
-    # no baseline when eval.baseline is off
-    return evaluation.results.get(name, MethodResults(kinds={}))
+    return evaluation.of()
 
 
 def _kinds(records: dict) -> list[str]:
@@ -56,8 +54,6 @@ def network_evaluations_per_volume(entry: Entry, protocol: Protocol, record: dic
     """Forward passes of the method's networks per scored volume (0 for the baseline)."""
     from uadjax.methods import get_method
 
-    if entry.is_baseline:
-        return 0.0
     config = build_config(entry, protocol, 0)
     per_slice = sum(get_method(config.method).network_evaluations(config).values())
     timing = record["results"].timing
@@ -80,10 +76,9 @@ def paired_permutation_p(a: np.ndarray, b: np.ndarray, *, resamples: int = 9999,
 
 def per_volume_dice(entry: Entry, records: list[dict], kind: str) -> dict[str, float]:
     """subject -> Dice at the validation-selected threshold, averaged over seeds."""
-    method = "threshold" if entry.is_baseline else None
     by_subject: dict[str, list] = {}
     for record in records:
-        name = method or record["results"].method
+        name = record["results"].method
         for row in record["subjects"]:
             if row["method"] == name and row["kind"] == kind and row["threshold_source"] == "val":
                 by_subject.setdefault(row["subject_id"], []).append(float(row["dice"]))
@@ -113,13 +108,13 @@ def leaderboard(entries: list[Entry], protocol: Protocol, records: dict,
             if paper:
                 row["kinds"][kind]["paper"] = paper
         recon = [r["results"].reconstruction for r in recs]
-        if not entry.is_baseline and all(recon):
+        if not entry.is_threshold and all(recon):
             row["reconstruction"] = {
                 **{k: _mean_std([q["healthy"][k]["mean"] for q in recon])
                    for k in ("ssim", "psnr", "l1")},
                 "l1_ratio": {kind: _mean_std([q["l1_ratio"].get(kind) for q in recon])
                              for kind in kinds}}
-        if not entry.is_baseline:
+        if not entry.is_threshold:
             row["train_seconds"] = _mean_std([r["train_seconds"] for r in recs])
             row["train_seconds_estimated"] = any(r.get("train_seconds_estimated") for r in recs)
             row["seconds_per_volume"] = _mean_std(

@@ -20,7 +20,6 @@ from uadjax.benchmark.entries import (
     Protocol,
     build_config,
     eval_dir,
-    parse_entry,
     run_dir,
 )
 from uadjax.results import RESULTS_FILE, EvaluationResults
@@ -177,10 +176,7 @@ def run_benchmark(entries: list[Entry], protocol: Protocol, seeds: list[int], ro
                   stream=None) -> dict:
     """Runs every (entry, seed) not done yet (seed-major, so a partial leaderboard already
     has every method once) and returns {entry key: [record per seed]} plus failures."""
-    runnable = [e for e in entries if not e.is_baseline]
-    if any(e.is_baseline for e in entries) and not any(e.config == "ddpm" and not
-                                                       e.test_modifiers for e in runnable):
-        runnable.insert(0, parse_entry("ddpm"))  # the threshold baseline is read from it
+    runnable = list(entries)
     progress = Progress(len(runnable) * len(seeds), stream)
     records: dict[str, list] = {e.key: [] for e in entries}
     failures = []
@@ -198,10 +194,7 @@ def run_benchmark(entries: list[Entry], protocol: Protocol, seeds: list[int], ro
             progress.end(what, started, f"FAILED ({type(err).__name__}: {err})")
             continue
         progress.end(what, started, "done")
-        if entry.key in records:
-            records[entry.key].append(record)
-        if entry.key == "ddpm" and "threshold" in records:  # the baseline is scored beside it
-            records["threshold"].append(record)
+        records[entry.key].append(record)
     return {"records": records, "failures": failures}
 
 
@@ -209,10 +202,9 @@ def collect(entries, protocol, seeds, root) -> dict:
     """Records of the finished runs only (nothing is trained or evaluated)."""
     records = {e.key: [] for e in entries}
     for entry in entries:
-        source = parse_entry("ddpm") if entry.is_baseline else entry
         for seed in seeds:
-            workdir = run_dir(root, source, protocol, seed)
-            found = record(workdir, eval_dir(workdir, source))
+            workdir = run_dir(root, entry, protocol, seed)
+            found = record(workdir, eval_dir(workdir, entry))
             if found is not None:
                 records[entry.key].append(found)
     return records
