@@ -32,8 +32,9 @@ import numpy as np
 from absl import app, flags
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.subsets import pixel_accuracy, slices_of
 from uadjax import diffusion, metrics, runs
-from uadjax.data import builder, schema
+from uadjax.data import schema
 from uadjax.methods import ldm, shared
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained LDM run folder.", required=True)
@@ -42,33 +43,6 @@ _SLICE_STEP = flags.DEFINE_integer("slice_step", 2, "Every n-th brain slice of a
 _T_STARTS = flags.DEFINE_list("t_starts", ["149", "299", "499"], "Oracle-mask t_s values.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Slices per call.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this file.")
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def slices_of(config, split: str, per_kind: int, slice_step: int) -> dict:
-    """{'image' [N, H, W, M], 'brain_mask', 'seg' [N, H, W] bool, 'kind' [N]}: the first
-    `per_kind` subjects of each kind of `split`, every `slice_step`-th slice with brain."""
-    source = builder.load_split(config.data.data_dir, config.data, split)
-    chosen: dict[str, list] = {}
-    keep = []
-    for i in range(len(source)):
-        r = source[i]
-        sid, kind = _text(r["subject_id"]), _text(r["kind"])
-        subjects = chosen.setdefault(kind, [])
-        if sid not in subjects:
-            if len(subjects) >= per_kind:
-                continue
-            subjects.append(sid)
-        if int(r["slice_index"]) % slice_step or not np.asarray(r["brain_mask"]).any():
-            continue
-        keep.append((kind, r))
-    return {"image": np.stack([np.asarray(r["image"], np.float32) for _, r in keep]),
-            "brain_mask": np.stack([np.asarray(r["brain_mask"]) > 0 for _, r in keep]),
-            "seg": np.stack([np.asarray(r["seg"]) > 0 for _, r in keep]),
-            "kind": np.array([k for k, _ in keep])}
 
 
 def cell_fraction(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -150,18 +124,6 @@ def score_maps(model, data: dict, config, batch: int, *, oracle: bool) -> np.nda
                                     jax.random.key(100 + i)), data, batch)["score"]
 
 
-def accuracy(maps: np.ndarray, data: dict) -> dict:
-    """Per kind: pixel AUPRC and best pooled Dice over the brain pixels."""
-    out = {}
-    for kind in sorted(set(data["kind"].tolist())):
-        sel = data["kind"] == kind
-        brain = data["brain_mask"][sel]
-        scores, labels = maps[sel][brain], data["seg"][sel][brain]
-        out[kind] = {"auprc": metrics.average_precision(scores, labels),
-                     "dice": float(metrics.best_dice_threshold([scores], [labels]).dice)}
-    return out
-
-
 def healthy_false_positives(maps: np.ndarray, healthy: dict, threshold: float) -> dict:
     brain = healthy["brain_mask"]
     return {"mean_score": float(maps[brain].mean()),
@@ -194,14 +156,14 @@ def main(argv):
 
     # (b)
     intensity = np.mean(lesions["image"], axis=-1)
-    rows = {"intensity threshold": accuracy(intensity, lesions),
+    rows = {"intensity threshold": pixel_accuracy(intensity, lesions),
             f"KL mask, t_s = {config.ldm.resample_t_start}":
-                accuracy(score_maps(model, lesions, config, _BATCH.value, oracle=False),
+                pixel_accuracy(score_maps(model, lesions, config, _BATCH.value, oracle=False),
                          lesions)}
     for t_start in (int(t) for t in _T_STARTS.value):
         cfg = config.copy_and_resolve_references()
         cfg.ldm.resample_t_start = t_start
-        rows[f"oracle mask, t_s = {t_start}"] = accuracy(
+        rows[f"oracle mask, t_s = {t_start}"] = pixel_accuracy(
             score_maps(model, lesions, cfg, _BATCH.value, oracle=True), lesions)
         print(f"(b) oracle t_s = {t_start} done", flush=True)
     result["b_mask"] = rows
@@ -217,7 +179,7 @@ def main(argv):
         brain = lesions["brain_mask"]
         cut = metrics.best_dice_threshold([lesion_maps[brain]], [lesions["seg"][brain]])
         result["c_requantize"]["requantized" if requant else "as decoded"] = {
-            "lesions": accuracy(lesion_maps, lesions),
+            "lesions": pixel_accuracy(lesion_maps, lesions),
             "healthy": healthy_false_positives(healthy_maps, healthy, cut.threshold)}
     kinds = sorted(set(lesions["kind"].tolist()))
     print("| scoring | " + " | ".join(f"{k} AUPRC | {k} Dice" for k in kinds) + " |")

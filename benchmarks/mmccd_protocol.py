@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from uadjax import metrics, runs
+from benchmarks.subsets import pixel_accuracy, slices_of
+from uadjax import runs
 from uadjax.data import builder, schema
 from uadjax.methods import mmccd
 
@@ -41,34 +42,6 @@ _STEPS = flags.DEFINE_list("ddim_steps", ["2", "5", "10"], "DDIM steps per chain
 _COVERAGE = flags.DEFINE_list("coverage", ["1", "2", "4"], "Bands per pixel per direction.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Slices per sweep call.")
 _JSON = flags.DEFINE_string("json", "", "Also write the table to this file.")
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def subset_slices(config, per_kind: int, slice_step: int) -> dict:
-    """The chosen lesion-test slices: {'image' [N, H, W, M], 'brain_mask', 'seg' [N, H, W],
-    'kind' [N], 'subject_id' [N]}; slices per volume in the eval index, for the cost."""
-    source = builder.load_split(config.data.data_dir, config.data, schema.TEST_LESION)
-    chosen: dict[str, list] = {}
-    keep = []
-    for i in range(len(source)):
-        r = source[i]
-        sid, kind = _text(r["subject_id"]), _text(r["kind"])
-        subjects = chosen.setdefault(kind, [])
-        if sid not in subjects:
-            if len(subjects) >= per_kind:
-                continue
-            subjects.append(sid)
-        if int(r["slice_index"]) % slice_step or not np.asarray(r["brain_mask"]).any():
-            continue
-        keep.append((kind, sid, r))
-    return {"image": np.stack([np.asarray(r["image"], np.float32) for _, _, r in keep]),
-            "brain_mask": np.stack([np.asarray(r["brain_mask"]) > 0 for _, _, r in keep]),
-            "seg": np.stack([np.asarray(r["seg"]) > 0 for _, _, r in keep]),
-            "kind": np.array([k for k, _, _ in keep]),
-            "subject_id": np.array([s for _, s, _ in keep])}
 
 
 def sweep_errors(models, data, config, batch: int):
@@ -96,19 +69,6 @@ def sweep_errors(models, data, config, batch: int):
     return np.concatenate(parts)[:n], masks, seconds * n / len(images)
 
 
-def accuracy(error_maps: np.ndarray, data: dict) -> dict:
-    """Per kind: AUPRC and best pooled Dice of maps [N, H, W] over the brain pixels."""
-    out = {}
-    for kind in sorted(set(data["kind"].tolist())):
-        sel = data["kind"] == kind
-        brain = data["brain_mask"][sel]
-        scores, labels = error_maps[sel][brain], data["seg"][sel][brain]
-        best = metrics.best_dice_threshold([scores], [labels])
-        out[kind] = {"auprc": metrics.average_precision(scores, labels),
-                     "dice": float(best.dice)}
-    return out
-
-
 def main(argv):
     del argv
     config = runs.run_config(_WORKDIR.value)
@@ -119,7 +79,7 @@ def main(argv):
     c.directions = ("horizontal", "vertical")
     c.test_stride = int(c.band_width) // max(coverages)
     models, steps = runs.load_models_and_steps(config, _WORKDIR.value)
-    data = subset_slices(config, _PER_KIND.value, _SLICE_STEP.value)
+    data = slices_of(config, schema.TEST_LESION, _PER_KIND.value, _SLICE_STEP.value)
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     depth = float(np.mean([e["num_slices"] for e in index["subjects"]]))
     print(f"{len(data['image'])} slices of {len(set(data['subject_id']))} subjects "
@@ -140,7 +100,7 @@ def main(argv):
             rows.append({"coverage": coverage, "masks": len(sel), "ddim_steps": ddim_steps,
                          "evaluations_per_slice": evals,
                          "seconds_per_volume": evals * seconds_per_eval * depth,
-                         **accuracy(maps, data)})
+                         **pixel_accuracy(maps, data)})
         print(f"S = {ddim_steps}: {seconds:.0f} s for the finest sweep "
               f"({1e3 * seconds_per_eval:.2f} ms per network evaluation)", flush=True)
     kinds = sorted(set(data["kind"].tolist()))
