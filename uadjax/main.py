@@ -36,9 +36,13 @@ _BRAIN_MASK = flags.DEFINE_string("brain_mask", None, "predict: optional brain m
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "predict/phantom: replace existing outputs.")
 
 
+class _UsageError(Exception):
+    """A wrong command line: one line on stderr, exit status 2 (no full help page)."""
+
+
 def _require(flag, mode):
     if flag.value is None:
-        raise app.UsageError(f"mode {mode!r} needs --{flag.name}")
+        raise _UsageError(f"mode {mode!r} needs --{flag.name}")
     return flag.value
 
 
@@ -58,7 +62,10 @@ def _configure_logging():
 def main(argv):
     _configure_logging()
     if len(argv) != 2 or argv[1] not in MODES:
-        raise app.UsageError(f"usage: python -m uadjax.main <mode> [flags]; modes: {MODES}")
+        given = " ".join(argv[1:]) or "none"
+        print(f"error: mode {given!r}: usage: python -m uadjax.main <mode> [flags]; modes: "
+              f"{', '.join(MODES)} (--helpshort lists the flags)", file=sys.stderr)
+        sys.exit(2)
     mode = argv[1]
     from uadjax import parallel  # imported after flag parsing, before JAX picks devices
 
@@ -68,6 +75,9 @@ def main(argv):
 
     try:
         _dispatch(mode)
+    except _UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except (DataError, CheckpointError, NonFiniteLossError, ValueError, OSError) as err:
         # User errors: bad data, checkpoints of another run, unusable config values, missing
         # inputs, full or unwritable output folders. The message names the input and the
