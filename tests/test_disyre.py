@@ -119,6 +119,18 @@ def test_all_three_shape_kinds_are_drawn():
     assert ((fill > 0.74) & (fill < 0.83)).sum() > 20  # discs (pi / 4 = 0.785)
     # Irregular shapes: the authors' big ones fill most of the box.
     assert (areas >= 0.5 * dcfg.anomaly_box**2).sum() > 40
+    # Each mask is the shape of its drawn kind (the draw `shape_masks` makes, recomputed):
+    # rectangles (unrotated ones fill their extent), discs, and the irregular shapes
+    # exactly as `irregular_shapes` makes them.
+    keys = jax.random.split(jax.random.key(2), 7)
+    kind = np.asarray(jax.random.randint(keys[0], (300,), 0, 3))
+    blobs = np.asarray(disyre.irregular_shapes(
+        keys[6], disyre.blob_fill_fractions(keys[5], 300, dcfg), dcfg.anomaly_box)) > 0
+    assert {0, 1, 2} <= set(kind.tolist()) and min(np.bincount(kind)) > 70
+    np.testing.assert_array_equal(masks[kind == 2] > 0, blobs[kind == 2])
+    assert np.median(fill[kind == 1]) == pytest.approx(np.pi / 4, abs=0.06)
+    assert not np.array_equal(masks[kind == 0] > 0, blobs[kind == 0])
+    assert np.median(fill[kind == 0]) > 0.8  # rectangles, half of them rotated
 
 
 def test_irregular_shapes_fill_the_box_as_the_authors_shapes():
@@ -258,6 +270,16 @@ def test_loss_conditions_on_the_severity_label():
     assert seen["x_c"].shape == (4, 8, 8, 1)   # the tiny patch size
     assert seen["t"].dtype == jnp.int32 and np.all((np.asarray(seen["t"]) >= 0) &
                                                    (np.asarray(seen["t"]) < 100))
+    # The label is the training mapping of each patch's severity: the same keys give the
+    # same corruption, and t = severity_to_t(alpha).
+    scfg = config.disyre
+    k_crop, k_corrupt, _ = jax.random.split(jax.random.key(0), 3)
+    x, brain = disyre.random_crops(k_crop, batch, int(scfg.patch_size))
+    x_c, alpha, _ = disyre.corrupt(k_corrupt, x, brain, scfg)
+    np.testing.assert_array_equal(seen["x_c"], x_c)
+    np.testing.assert_array_equal(
+        seen["t"], disyre.severity_to_t(alpha, disyre.severity_schedule(scfg)))
+    assert len(set(np.asarray(seen["t"]).tolist())) > 1  # not one constant label
     assert float(loss) >= 0 and np.isfinite(float(metrics["mean_severity"]))
 
 
