@@ -145,13 +145,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif size == "cpu":
         common.cpu_training(config)
         # 2 CPU cores: full MMCCD is 128 masks x 100 DDIM steps = 12 800 UNet calls per slice
-        # (about 4 minutes per slice here, 4 hours per volume). Ours, to stay near 10 s per
-        # volume of 59 slices: the 8 horizontal bands of 8 px on a stride of 8 (each pixel
-        # in-painted exactly once) and 2 DDIM steps (t = 999, 0): 16 f + 8 g = 24 calls per
-        # slice. Batches of 128 inputs ran fastest per input here (19 ms at 32, 23 ms at 128,
-        # 41 ms at 512 per 64 px input on 2 busy cores).
+        # (about 2.5 minutes per slice here). Ours, chosen from the cost-accuracy curve of
+        # benchmarks/mmccd_protocol.py (issue 22, M1; docs/findings.md): both directions as
+        # the authors, one band per pixel per direction (the 8 + 8 bands of 8 px on a stride
+        # of 8) and 2 DDIM steps (t = 500, 0): 32 f + 16 g = 48 calls per slice, 11.6 ms
+        # each on 2 idle cores, about 32 minutes for a whole evaluation (3,422 slices); every
+        # other point of the curve costs at least twice as much. Batches of 128 inputs ran
+        # fastest per input (19 ms at 32, 23 ms at 128, 41 ms at 512 on 2 busy cores).
         c.test_stride = c.band_width
-        c.directions = ("horizontal",)
+        c.directions = ("horizontal", "vertical")
         c.ddim_steps = 2
         c.max_batch = 128
     elif size == "tiny":

@@ -31,7 +31,8 @@ def _pair_batch(rng, b=2, size=16):
 
 @pytest.mark.parametrize("size,width,stride,directions,num", [
     (128, 16, 2, ("horizontal", "vertical"), 128),   # the paper's 64 positions x 2
-    (64, 8, 8, ("horizontal",), 8),                   # the cpu config
+    (64, 8, 8, ("horizontal",), 8),                   # one direction at the cpu size
+    (64, 8, 8, ("horizontal", "vertical"), 16),       # the cpu config
     (64, 8, 1, ("horizontal", "vertical"), 128),
     (16, 2, 2, ("horizontal", "vertical"), 16),       # tiny
     (20, 6, 4, ("vertical",), 5),                     # a stride that does not divide
@@ -276,7 +277,12 @@ def test_config_variants():
     cpu = mmccd_configs.get_config("cpu,short")
     assert cpu.data.image_size == (64, 64) and cpu.mmccd.band_width == 8
     assert cpu.train.num_steps == 300
-    assert len(mmccd.band_masks(64, 8, cpu.mmccd.test_stride, cpu.mmccd.directions)) == 8
+    # M1: the CPU protocol keeps both directions, each pixel in-painted once per direction.
+    assert tuple(cpu.mmccd.directions) == ("horizontal", "vertical")
+    assert len(mmccd.band_masks(64, 8, cpu.mmccd.test_stride, cpu.mmccd.directions)) == 16
+    cover = mmccd.band_coverage(64, 8, cpu.mmccd.test_stride, cpu.mmccd.directions)
+    assert cover.min() == cover.max() == 2
+    assert mmccd.network_evaluations(cpu) == {"f": 32, "g": 16}
     cyclic = mmccd_configs.get_config("cpu,cyclic")
     assert cyclic.mmccd.forward == "unet" and cyclic.model_f.in_channels == 1
     assert not cyclic.model_f.use_timestep
