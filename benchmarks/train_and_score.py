@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from uadjax import parallel, train
+from uadjax import parallel, train, train_state
 from uadjax.methods import get_method
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ddpm.py:cpu", "Method config.")
@@ -80,7 +80,7 @@ def main(_):
     models = {}
     for stage in method.active_stages(config):
         cfg = train.stage_config(config, stage.name)
-        tx = train.make_optimizer(cfg.train)
+        tx = train_state.make_optimizer(cfg.train)
         graphdef, state = train.init_state(stage, cfg, tx, seed=0)
         if not _TRAIN.value:
             models[stage.name] = train.merge(graphdef, state["params"], state["rest"])

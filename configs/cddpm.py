@@ -71,7 +71,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.cond_dim = 16
         config.stage_train.pretrain.num_steps = config.train.num_steps
     common.apply_common_modifiers(config, modifiers)
-    if modifiers & set(common.BUDGET_STEPS):  # a budget holds for every stage
-        config.stage_train.pretrain.num_steps = config.train.num_steps
-        config.stage_train.pretrain.warmup_steps = config.train.warmup_steps
     return config

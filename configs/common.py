@@ -54,8 +54,9 @@ def parse_variant(arg: str | None, method: str, allowed=()) -> tuple[str, set[st
 def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str]) -> set[str]:
     """Applies the modifiers shared by all methods; returns the ones left for the method.
 
-      short  train for 300 steps per stage (checkpoint/validate at the end): the budget of
-             the leaderboard (`--budget=short`), where every method gets the same steps;
+      short  train for 300 steps in every training stage (checkpoint/validate at the end,
+             warm-up at most a tenth): the budget of the leaderboard (`--budget=short`),
+             where every method gets the same steps;
       medium, long  1,000 and 3,000 steps per stage: the budget curve (`BUDGET_STEPS`).
       bf16   bfloat16 compute in every guided-diffusion UNet of the config (parameters,
              optimiser state and losses stay float32): about half the memory traffic on
@@ -66,11 +67,14 @@ def apply_common_modifiers(config: ml_collections.ConfigDict, modifiers: set[str
         raise ValueError(f"one training budget at a time, not {budgets}")
     if budgets:
         steps = BUDGET_STEPS[budgets[0]]
-        t = config.train
-        t.num_steps = steps
-        t.checkpoint_every_steps = steps
-        t.val_every_steps = steps
-        t.warmup_steps = min(t.warmup_steps, steps // 10)
+        # The budget holds for every training stage: config.train and each stage's own
+        # recipe in config.stage_train (statistics passes, config.stage_statistics, are
+        # data passes, not training, and keep their length).
+        recipes = [config.train] + list(config.get("stage_train", {}).values())
+        for t in recipes:
+            warmup = t.get("warmup_steps", config.train.warmup_steps)
+            t.update({"num_steps": steps, "checkpoint_every_steps": steps,
+                      "val_every_steps": steps, "warmup_steps": min(warmup, steps // 10)})
     if "bf16" in modifiers:
         unets = [m for m in config.values()
                  if isinstance(m, ml_collections.ConfigDict) and m.get("name") == "unet"]

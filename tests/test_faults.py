@@ -21,7 +21,7 @@ import pytest
 from helpers_train import NanBatches
 
 from configs import ddpm
-from uadjax import atomic, checkpointing, evaluate, jobs, predict, runs, train
+from uadjax import atomic, checkpointing, evaluate, jobs, predict, runs, train, train_state
 from uadjax.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def _train(config, workdir, **kwargs):
 
 def _saved_state(config, workdir, step=None):
     stage = _stage()
-    _, state = train.init_state(stage, config, train.make_optimizer(config.train), seed=0)
+    _, state = train.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"),
                                       asynchronous=False)
     try:

@@ -248,8 +248,11 @@ def test_config_variants():
     assert ldm_config.get_config("cpu,mse").ldm.rec_loss == "mse"
     short = ldm_config.get_config("cpu,short")
     assert short.train.num_steps == short.stage_train.vqvae.num_steps == 300
+    # The calibration is a statistics pass: the budget leaves its 20 batches alone.
     cal = train.stage_config(short, "calibrate").train
-    assert (cal.data_split, cal.augment, cal.ema_decay) == ("val_healthy", False, 0.0)
+    assert (cal.data_split, cal.augment, cal.num_steps, cal.val_every_steps) == (
+        "val_healthy", False, 20, 0)
+    assert get_method("ldm").stage("calibrate").is_statistics
     assert train.stage_config(short, "vqvae").train.ema_decay == 0.0
     assert [s.name for s in get_method("ldm").active_stages(short)] == [
         "vqvae", "diffusion", "calibrate"]

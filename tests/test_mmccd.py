@@ -9,7 +9,7 @@ from flax import nnx
 from helpers_methods import perturbed
 
 from configs import mmccd as mmccd_configs
-from uadjax import diffusion, jobs, train
+from uadjax import diffusion, jobs, train, train_state
 from uadjax.data import builder, schema
 from uadjax.methods import get_method, mmccd
 from uadjax.models import make_model
@@ -308,7 +308,7 @@ def test_config_variants():
 # A short training run: g(f(x)) returns x on healthy slices.
 
 def _train(stage, config, batches, steps):
-    tx = train.make_optimizer(config.train)
+    tx = train_state.make_optimizer(config.train)
     graphdef, state = train.init_state(stage, config, tx, seed=0)
     step = jax.jit(train.make_train_step(stage, graphdef, tx, config,
                                          base_key=jax.random.key(0)))

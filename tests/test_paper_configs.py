@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from uadjax.methods import available_methods, get_method
+from uadjax.train_state import stage_config
 
 # Every method module with a config of the same name (the threshold baseline has no network).
 METHODS = tuple(m for m in available_methods() if m != "threshold")
@@ -42,10 +43,13 @@ def test_paper_config_traces_at_full_size(name):
         graphdef, state = nnx.split(model)
 
         def loss(state, batch, stage=stage, graphdef=graphdef):
-            return stage.loss_fn(nnx.merge(graphdef, state), batch, key, config)[0]
+            model = nnx.merge(graphdef, state)
+            if stage.is_statistics:  # a statistics pass: scalar metrics, no loss
+                return stage.statistics_fn(model, batch, key, config)
+            return {"loss": stage.loss_fn(model, batch, key, config)[0]}
 
-        out = jax.eval_shape(loss, state, batch)
-        assert out.shape == () and out.dtype == jnp.float32, (name, stage.name)
+        for metric, out in jax.eval_shape(loss, state, batch).items():
+            assert out.shape == () and out.dtype == jnp.float32, (name, stage.name, metric)
         models[stage.name] = (graphdef, state)
 
     def score(states, batch):
@@ -65,3 +69,22 @@ def test_every_config_checks_its_modifiers_in_one_place(method):
                                          f"{method} takes .*every method"):
         module.get_config("cpu,nope")
     assert module.get_config("cpu,long").train.num_steps == 3000
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods()])
+@pytest.mark.parametrize("size", ["paper", "cpu", "tiny"])
+def test_a_budget_cuts_every_training_stage_and_no_statistics_pass(method, size):
+    """`short` is 300 steps for each training stage, whatever the stage's own recipe says
+    (cDDPM's pre-training, LDM's VQ-VAE), with its checkpoint and validation at the end and
+    its warm-up at most 30; a statistics pass keeps the length the config gives it."""
+    module = importlib.import_module(f"configs.{method}")
+    full, short = module.get_config(size), module.get_config(f"{size},short")
+    for stage in get_method(short.method).stages:
+        cfg = stage_config(short, stage.name).train
+        own = stage_config(full, stage.name).train
+        if stage.is_statistics:
+            assert cfg.num_steps == own.num_steps, (method, stage.name)
+            continue
+        assert (cfg.num_steps, cfg.checkpoint_every_steps, cfg.val_every_steps) == (
+            300, 300, 300), (method, stage.name)
+        assert cfg.warmup_steps == min(own.warmup_steps, 30), (method, stage.name)

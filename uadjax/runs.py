@@ -18,7 +18,7 @@ from flax import nnx
 from uadjax import checkpointing
 from uadjax.methods import get_method
 from uadjax.methods.base import Stage
-from uadjax.train_state import init_state, make_optimizer, merge, stage_config
+from uadjax.train_state import init_state, merge, stage_config, stage_optimizer
 
 CONFIG_FILE = "config.json"
 
@@ -131,7 +131,8 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
         check_same_method(saved, config, directory)
         saved_train = saved.get("train") if saved else None
         train_cfg = ml_collections.ConfigDict(saved_train) if saved_train else config.train
-        graphdef, state = init_state(stage, config, make_optimizer(train_cfg), seed=config.seed)
+        graphdef, state = init_state(stage, config, stage_optimizer(stage, train_cfg),
+                                      seed=config.seed)
         restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config)
         step = int(restored["step"])
         provenance = {"directory": directory, "step": ckpt.restored_step,

@@ -43,7 +43,7 @@ from uadjax.runs import (
     stage_dir,
     stage_workdir,
 )
-from uadjax.train_state import ema_decay_at, init_state, make_optimizer, merge, stage_config
+from uadjax.train_state import ema_decay_at, init_state, merge, stage_config, stage_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,6 +135,21 @@ def make_train_step(stage: Stage, graphdef, tx, config, *, base_key):
     return step_fn
 
 
+def make_statistics_step(stage: Stage, graphdef, config, *, base_key):
+    """The pure step of a statistics pass: state, batch -> state, metrics. The networks stay
+    as they are; `stage.statistics_fn` updates the non-parameter variables ('rest')."""
+
+    def step_fn(state, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+        model = merge(graphdef, state["params"], state["rest"])
+        metrics = stage.statistics_fn(model, batch, key, config)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        new = {**state, "rest": nnx.to_pure_dict(rest), "step": state["step"] + 1}
+        return new, {**metrics, "skipped": jnp.zeros((), jnp.float32)}
+
+    return step_fn
+
+
 def make_eval_loss_fn(stage: Stage, graphdef, config):
     """Validation loss with the EMA parameters and a fixed key (pure; jit it)."""
 
@@ -183,7 +198,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     tcfg = config.train
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(tcfg.batch_size, mesh)
-    tx = make_optimizer(tcfg)
+    tx = stage_optimizer(stage, tcfg)
     graphdef, state = init_state(stage, config, tx, seed=config.seed, earlier=earlier)
     state = parallel.replicate(state, mesh)
     directory = stage_dir(workdir, stage.name)
@@ -204,11 +219,15 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
         return {"state": state, "graphdef": graphdef, "step": start, "finished": True}
 
     base_key = jax.random.key(config.seed)
-    step_fn = make_train_step(stage, graphdef, tx, config, base_key=base_key)
+    if stage.is_statistics:
+        step_fn = make_statistics_step(stage, graphdef, config, base_key=base_key)
+        eval_fn = None
+    else:
+        step_fn = make_train_step(stage, graphdef, tx, config, base_key=base_key)
+        eval_fn = jax.jit(make_eval_loss_fn(stage, graphdef, config))
     replicated = parallel.replicated(mesh)
     state_sharding = jax.tree.map(lambda _: replicated, state)
     jit_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, replicated))
-    eval_fn = jax.jit(make_eval_loss_fn(stage, graphdef, config))
     writer = MetricWriter(directory, tensorboard=tcfg.tensorboard)
     log_every = int(tcfg.log_every_steps)
     ckpt_every = int(tcfg.checkpoint_every_steps)
@@ -246,9 +265,11 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
                     means["slices_per_s"] = n_last / max(now - t_last, 1e-9)
                     t_last, n_last = now, 0
                     writer.write(step, means, split="train")
-                    bar.set_postfix(loss=f"{means['loss']:.4f}",
-                                    sl_s=f"{means['slices_per_s']:.0f}")
-                if val_every and data.val_batches is not None and step % val_every == 0:
+                    shown = "loss" if "loss" in means else next(iter(means))
+                    bar.set_postfix(**{shown: f"{means[shown]:.4g}",
+                                       "sl_s": f"{means['slices_per_s']:.0f}"})
+                if (val_every and eval_fn is not None and data.val_batches is not None
+                        and step % val_every == 0):
                     writer.write(step, _validate(eval_fn, state, data.val_batches, mesh,
                                                  base_key), split="val")
                 if step % ckpt_every == 0 or step == last or sigterm.raised:

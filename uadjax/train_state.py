@@ -13,13 +13,33 @@ from flax import nnx
 
 from uadjax.methods.base import Stage
 
+# The fields of a statistics pass (`config.stage_statistics.<name>`).
+STATISTICS_FIELDS = ("data_split", "augment", "num_batches", "batch_size")
+
 
 def stage_config(config, stage_name: str):
-    """`config` with `config.train` overridden by `config.stage_train.<stage_name>` (if any)."""
+    """The config a stage runs with: `config.train` overridden by
+    `config.stage_train.<stage_name>` (a training stage), or set from
+    `config.stage_statistics.<stage_name>` (a statistics pass: `num_batches` batches become
+    its steps, one checkpoint at the end, no validation)."""
     overrides = config.get("stage_train", {}).get(stage_name)
-    if not overrides:
+    statistics = config.get("stage_statistics", {}).get(stage_name)
+    if overrides and statistics:
+        raise ValueError(f"stage {stage_name!r} is in both config.stage_train and "
+                         "config.stage_statistics; a stage is trained or a statistics pass")
+    if not overrides and not statistics:
         return config
     config = config.copy_and_resolve_references()
+    if statistics:
+        unknown = set(statistics.keys()) - set(STATISTICS_FIELDS)
+        if unknown:
+            raise ValueError(f"config.stage_statistics.{stage_name} sets unknown fields "
+                             f"{sorted(unknown)}; known: {list(STATISTICS_FIELDS)}")
+        t = config.train
+        t.update({k: v for k, v in statistics.items() if k != "num_batches"})
+        t.num_steps = t.checkpoint_every_steps = int(statistics.num_batches)
+        t.val_every_steps = 0
+        return config
     unknown = set(overrides.keys()) - set(config.train.keys())
     if unknown:
         raise ValueError(f"config.stage_train.{stage_name} sets unknown train fields "
@@ -72,7 +92,8 @@ def ema_decay_at(step, decay: float):
 def init_state(stage: Stage, config, tx, *, seed: int, earlier: dict | None = None):
     """Builds the stage's networks and returns (graphdef, state).
 
-    state: {'step', 'params', 'ema_params', 'opt_state', 'rest', 'nonfinite_step'}.
+    state: {'step', 'params', 'ema_params', 'opt_state', 'rest', 'nonfinite_step'}; a
+    statistics stage (`tx` None) has no 'opt_state', and its 'ema_params' are its params.
     """
     model = stage.make_model(config, nnx.Rngs(seed))
     if stage.init_from is not None and earlier:
@@ -84,11 +105,18 @@ def init_state(stage: Stage, config, tx, *, seed: int, earlier: dict | None = No
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "ema_params": jax.tree.map(jnp.copy, params),
-        "opt_state": tx.init(params),
         "rest": rest,
         "nonfinite_step": jnp.full((), -1, jnp.int32),
     }
+    if tx is not None:
+        state["opt_state"] = tx.init(params)
     return graphdef, state
+
+
+def stage_optimizer(stage: Stage, cfg) -> optax.GradientTransformation | None:
+    """The optimiser of a training stage's recipe `cfg` (its `config.train`); None for a
+    statistics stage, which trains nothing."""
+    return None if stage.is_statistics else make_optimizer(cfg)
 
 
 def merge(graphdef, params: dict, rest: dict) -> nnx.Module:

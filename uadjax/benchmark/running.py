@@ -106,8 +106,8 @@ def logged_train_seconds(workdir: str) -> float | None:
     total, found = 0.0, False
     for log in sorted(Path(workdir).glob("*/metrics.jsonl")):
         stage = log.parent.name
-        batch = {**config["train"], **(config.get("stage_train") or {}).get(stage, {})}[
-            "batch_size"]
+        batch = {**config["train"], **(config.get("stage_train") or {}).get(stage, {}),
+                 **(config.get("stage_statistics") or {}).get(stage, {})}["batch_size"]
         previous = 0
         for line in log.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)

@@ -1,5 +1,10 @@
 """What a method is: its networks and loss per training stage, and its anomaly score.
 
+A stage is either trained (`loss_fn`: the trainer's optimiser, EMA and validation apply) or
+a statistics pass (`statistics_fn`: frozen networks, non-parameter variables such as a
+histogram updated in place over a fixed number of batches, no optimiser); both run in the
+same loop with the same checkpoints, resume and data handling (`uadjax/train.py`).
+
 Everything else (data, trainer, checkpoints, sharding, evaluation, prediction) is shared, so a
 new method is one module in `uadjax/methods/` exposing `METHOD`, plus one config file.
 
@@ -21,6 +26,9 @@ from flax import nnx
 MakeModelFn = Callable[[Any, nnx.Rngs], nnx.Module]
 # loss_fn(model, batch, key, config) -> (scalar loss, dict of scalar metrics).
 LossFn = Callable[[nnx.Module, dict, jax.Array, Any], tuple[jax.Array, dict]]
+# statistics_fn(model, batch, key, config) -> dict of scalar metrics; it updates the model's
+# non-parameter variables (counts, sums) in place and trains nothing.
+StatisticsFn = Callable[[nnx.Module, dict, jax.Array, Any], dict]
 # score_fn(models, batch, key, config) -> {'score': [B, H, W], 'reconstruction': [B, H, W, C]?}
 # `models` maps stage names to the (EMA) networks of each trained stage.
 ScoreFn = Callable[[dict[str, nnx.Module], dict, jax.Array, Any], dict]
@@ -32,19 +40,33 @@ EnabledFn = Callable[[Any], bool]
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One training stage: the networks it trains and the loss it minimises.
+    """One stage: the networks it holds and what is run on them, in order.
 
-    Training settings of a stage are `config.train`, overridden by the fields of
-    `config.stage_train.<name>` when present (e.g. another optimiser for pre-training).
-    `init_from` receives only the earlier stages that ran; `enabled` (default: always)
-    lets a config switch an optional stage off (e.g. cDDPM without pre-training).
+    A training stage has a `loss_fn`; its settings are `config.train`, overridden by the
+    fields of `config.stage_train.<name>` when present (e.g. another optimiser for
+    pre-training). A statistics stage has a `statistics_fn` instead, and its pass (split,
+    augmentation, number of batches) is `config.stage_statistics.<name>`: training budgets
+    (`short`, ...) never cut it. `init_from` receives only the earlier stages that ran;
+    `enabled` (default: always) lets a config switch an optional stage off (e.g. cDDPM
+    without pre-training).
     """
 
     name: str
     make_model: MakeModelFn
-    loss_fn: LossFn
+    loss_fn: LossFn | None = None
     init_from: InitFromFn | None = None
     enabled: EnabledFn | None = None
+    statistics_fn: StatisticsFn | None = None
+
+    def __post_init__(self):
+        if (self.loss_fn is None) == (self.statistics_fn is None):
+            raise ValueError(f"stage {self.name!r} needs exactly one of loss_fn (a training "
+                             "stage) and statistics_fn (a statistics pass)")
+
+    @property
+    def is_statistics(self) -> bool:
+        """True for a statistics pass (no optimiser), False for a training stage."""
+        return self.statistics_fn is not None
 
     def is_enabled(self, config) -> bool:
         return self.enabled is None or bool(self.enabled(config))

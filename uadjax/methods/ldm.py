@@ -8,9 +8,10 @@ Stages (each starts from the finished one before it):
                VQ-VAE copied in and frozen (its weights become `Frozen` variables, which the
                optimiser never sees). s = 1 / std(z_q) of the first training batch (the LDM
                `scale_by_std` rule), stored in the `LatentScale` variable of the stage.
-  'calibrate'  no training: the latent KL maps of healthy *validation* slices (split
-               `val_healthy`, no augmentation) are accumulated in a histogram of log10 KL over
-               in-brain latent positions (`KLHistogram`, networks frozen). The latent-mask
+  'calibrate'  a statistics pass (no optimiser): the latent KL maps of healthy *validation*
+               slices (split `val_healthy`, no augmentation) are accumulated in a histogram
+               of log10 KL over in-brain latent positions (`KLHistogram`, networks frozen,
+               `config.stage_statistics.calibrate.num_batches` batches). The latent-mask
                threshold is its `ldm.kl_percentile` quantile, so it is fixed before any test
                slice is scored and lives in the run folder like the other stages
                (`<workdir>/calibrate/checkpoints`). `ldm.kl_threshold > 0` overrides it.
@@ -322,9 +323,10 @@ def _kl_map(ldm: LatentDiffusion, z0, key, config):
         clip_x0=lcfg.get("clip_x0", None), chunk_size=lcfg.get("sweep_chunk", None))
 
 
-def calibrate_loss_fn(model: Calibrated, batch, key, config):
-    """Adds the in-brain latent KL values of a healthy validation batch to the histogram.
-    Nothing is trained; the 'loss' is the mean in-brain KL (a log of the calibration)."""
+def calibrate_statistics_fn(model: Calibrated, batch, key, config) -> dict:
+    """Adds the in-brain latent KL values of a healthy validation batch to the histogram, in
+    place (the statistics pass of the 'calibrate' stage). -> {'mean_kl': in-brain mean of
+    this batch, 'kl_threshold': the quantile of the counts so far}."""
     ldm = model.ldm
     z0 = ldm.latents(batch["image"])
     kl = _kl_map(ldm, z0, key, config)
@@ -332,7 +334,8 @@ def calibrate_loss_fn(model: Calibrated, batch, key, config):
     counts = histogram_add(model.kl_counts[...], kl, weights)
     model.kl_counts[...] = counts
     mean_kl = jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-    return mean_kl, {"kl_threshold": histogram_quantile(counts, config.ldm.kl_percentile)}
+    return {"mean_kl": mean_kl,
+            "kl_threshold": histogram_quantile(counts, config.ldm.kl_percentile)}
 
 
 def kl_threshold(model: Calibrated, config):
@@ -399,7 +402,7 @@ METHOD = Method(
         Stage(name="vqvae", make_model=make_vqvae, loss_fn=vqvae_loss_fn),
         Stage(name="diffusion", make_model=make_latent_diffusion, loss_fn=diffusion_loss_fn,
               init_from=init_from_vqvae),
-        Stage(name="calibrate", make_model=make_calibrated, loss_fn=calibrate_loss_fn,
+        Stage(name="calibrate", make_model=make_calibrated, statistics_fn=calibrate_statistics_fn,
               init_from=init_from_diffusion),
     ),
     score_fn=score_fn,
