@@ -375,6 +375,49 @@ def test_same_seed_same_prediction(tiny_run, tmp_path):
                                       np.asarray(nib.load(str(tmp_path / "b" / path.name)).dataobj))
 
 
+FRESH_PROCESS = """
+import json, sys
+from uadjax import xla_flags
+xla_flags.set_cpu_flags()
+import ml_collections
+from uadjax import jobs
+workdir, scans, maps, eval_dir = sys.argv[1:5]
+config = ml_collections.ConfigDict(json.load(open(workdir + "/config.json")))
+jobs.evaluate(config, workdir, out_dir=eval_dir, progress=False)
+from uadjax import predict
+assert predict.predict_paths(workdir, scans, maps, progress=False).ok
+"""
+
+
+def _without_timing(results: dict) -> dict:
+    """results.json less what a rerun may change: wall-clock timings and the environment."""
+    return {k: v for k, v in results.items() if k not in ("timing", "environment", "created")}
+
+
+def test_same_seed_same_results_in_a_fresh_process(tiny_run, tmp_path):
+    """Evaluation and prediction rerun in a new Python process (new JAX runtime, new
+    compilation) reproduce this process's results.json, subjects.csv and maps exactly."""
+    _two_scans(tiny_run, tmp_path / "in")
+    here = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(tmp_path / "here"),
+                                 progress=False)
+    assert here.ok
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, tiny_run.workdir, str(tmp_path / "in"),
+                    str(tmp_path / "fresh"), str(tmp_path / "eval")], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ours = json.loads((Path(tiny_run.workdir) / "eval" / "results.json").read_text())
+    theirs = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert _without_timing(ours) == _without_timing(theirs)
+    assert ((Path(tiny_run.workdir) / "eval" / "subjects.csv").read_bytes()
+            == (tmp_path / "eval" / "subjects.csv").read_bytes())
+    names = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fresh").iterdir()) and len(names) == 6
+    for name in names:
+        if name.endswith(".nii.gz"):  # the voxels and the header (gzip stamps a time)
+            a, b = (nib.load(str(tmp_path / d / name)) for d in ("here", "fresh"))
+            np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+            assert a.header.binaryblock == b.header.binaryblock, name
+
+
 def test_check_writable_names_the_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

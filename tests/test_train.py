@@ -40,6 +40,9 @@ def test_tiny_run_wrote_everything(tiny_run):
 
 
 def test_sharded_step_matches_single_device(tiny_run):
+    """One update on 8 devices equals one on 1 device: loss, parameters and the gradient's
+    norm, and the norm equals a plain unjitted jax.grad of the loss on the host batch (an
+    Adam step alone is blind to the gradient's scale)."""
     config = _tiny_config(tiny_run)
     stage = _stage()
     tx = train_state.make_optimizer(config.train)
@@ -53,11 +56,25 @@ def test_sharded_step_matches_single_device(tiny_run):
         step = jax.jit(train.make_train_step(stage, graphdef, tx, config,
                                              base_key=jax.random.key(0)))
         state, metrics = step(state, parallel.to_global(host_batch, mesh))
-        outputs.append((jax.device_get(state["params"]), float(metrics["loss"])))
-    (p8, loss8), (p1, loss1) = outputs
+        outputs.append((jax.device_get(state["params"]), float(metrics["loss"]),
+                        float(metrics["grad_norm"])))
+    (p8, loss8, norm8), (p1, loss1, norm1) = outputs
     assert loss8 == pytest.approx(loss1, rel=1e-5)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    assert norm8 == pytest.approx(norm1, rel=1e-4)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    graphdef, state = train.init_state(stage, config, tx, seed=0)
+    key = jax.random.fold_in(jax.random.key(0), 0)
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+
+    def loss_of(params):
+        model = train_state.merge(graphdef, params, state["rest"])
+        return stage.loss_fn(model, batch, key, config)[0]
+
+    grads = jax.grad(loss_of)(state["params"])
+    reference = float(np.sqrt(sum(np.sum(np.square(np.asarray(g)))
+                                  for g in jax.tree.leaves(grads))))
+    assert norm1 == pytest.approx(reference, rel=1e-4)
 
 
 def _train(config, workdir, *, stop_at_step=None):
