@@ -154,6 +154,18 @@ def test_a_statistics_stage_counts_its_batches_resumes_and_has_no_optimiser(tiny
                                              require_finished=True)
     assert info["trained_steps"] == info["num_steps"] == 3
     np.testing.assert_allclose(float(model.total[...]), total, rtol=1e-5)
+    # A checkpoint of the pass saved as a training stage (an older uadjax: an optimiser
+    # state, lr 0) is refused with what to do.
+    old = _tiny_config(tiny_run, num_steps=1, data_split="val_healthy", augment=False,
+                       learning_rate=0.0)
+    old.stage_train = {"totals": {"num_steps": 1}}
+    as_training = Stage(name="totals", make_model=_Totals, loss_fn=lambda m, b, k, c: (
+        0.0 * m.scale[...], _add_batch(m, b, k, c)))
+    train.train_stage(as_training, old, str(tmp_path / "old"),
+                      jobs.make_train_data(train.stage_config(old, "totals"), as_training),
+                      progress=False)
+    with pytest.raises(checkpointing.CheckpointError, match="older uadjax.*--stage=totals"):
+        runs.load_stage_checkpoint(config, str(tmp_path / "old"), TOTALS)
     with pytest.raises(ValueError, match="exactly one of loss_fn"):
         Stage(name="both", make_model=_Totals, loss_fn=_add_batch, statistics_fn=_add_batch)
     config.stage_train = {"totals": {"num_steps": 3}}

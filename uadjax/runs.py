@@ -52,9 +52,11 @@ def check_same_method(saved: dict | None, config, directory: str) -> None:
             "trained it.")
 
 
-def restore_checked(ckpt, abstract_state, saved: dict | None, config, **kwargs):
+def restore_checked(ckpt, abstract_state, saved: dict | None, config, *,
+                    stage: Stage | None = None, **kwargs):
     """`ckpt.restore`, with a CheckpointError that names the config fields that differ from
-    the ones the checkpoint was trained with when no step can be restored."""
+    the ones the checkpoint was trained with when no step can be restored (or, for a
+    statistics stage saved as a training stage by an older uadjax, says how to redo it)."""
     try:
         return ckpt.restore(abstract_state, **kwargs)
     except checkpointing.CheckpointError as err:
@@ -64,6 +66,14 @@ def restore_checked(ckpt, abstract_state, saved: dict | None, config, **kwargs):
                 f"{ckpt.directory}: the checkpoint does not fit this config, which differs "
                 f"from the one that trained it in {', '.join(differences)}. Use another "
                 "--workdir, or the config that trained it.") from err
+        if (stage is not None and stage.is_statistics and saved
+                and stage.name in (saved.get("stage_train") or {})):
+            raise checkpointing.CheckpointError(
+                f"{ckpt.directory}: saved by an older uadjax, which ran the {stage.name!r} "
+                "statistics pass as a training stage (with an optimiser state). Move "
+                f"{os.path.dirname(ckpt.directory.rstrip('/'))} away and run `train "
+                f"--stage={stage.name}` to redo the pass (the networks before it are "
+                "kept).") from err
         raise
 
 
@@ -133,7 +143,8 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
         train_cfg = ml_collections.ConfigDict(saved_train) if saved_train else config.train
         graphdef, state = init_state(stage, config, stage_optimizer(stage, train_cfg),
                                       seed=config.seed)
-        restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config)
+        restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
+                                   stage=stage)
         step = int(restored["step"])
         provenance = {"directory": directory, "step": ckpt.restored_step,
                       "latest_step": ckpt.latest_step(), "trained_steps": step,

@@ -210,7 +210,7 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
         saved = saved_config(ckpt)
         check_same_method(saved, config, ckpt.directory)
         state = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
-                                data_iter=data.train_iter, quarantine=True)
+                                stage=stage, data_iter=data.train_iter, quarantine=True)
         print(f"{stage.name}: resuming from the checkpoint of step {int(state['step'])}")
     start = int(state["step"])
     num_steps = int(tcfg.num_steps)
