@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from google.protobuf.message import DecodeError
 
 from uadjax import checkpointing
 from uadjax.data import builder
@@ -69,12 +71,26 @@ def test_pickles_planted_in_a_checkpoint_are_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_a_pickle_in_place_of_a_slice_record_is_refused_not_executed(tmp_path):
+def test_a_pickle_in_place_of_a_slice_record_is_refused_not_executed(tiny_data, tmp_path):
+    """A shard file whose record is a pickle, read through the pipeline's own SliceSource:
+    decoding parses protobuf only, so it fails as malformed and runs nothing."""
+    real = builder.load_split(tiny_data.data_dir, tiny_data, "train")
+    shape = real.image_shape
+    good = real[0]  # the same reader and decoder accept a real record
+    assert good["image"].shape == shape and good["subject_id"].startswith(b"sub-")
     marker = tmp_path / "pwned"
-    with pytest.raises(Exception) as info:
-        builder.decode_record(_malicious_pickle(marker), (8, 8, 1))
-    assert not isinstance(info.value, (SystemExit, KeyboardInterrupt))
+    path = tmp_path / "planted.array_record-00000-of-00001"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(_malicious_pickle(marker))
+    writer.close()
+    planted = builder.SliceSource([path], shape)
+    assert len(planted) == 1
+    with pytest.raises((DecodeError, KeyError, IndexError)):
+        planted[0]
     assert not marker.exists()
+    # The plant is live: a reader that unpickled its records would have run it.
+    pickle.loads(ArrayRecordReader(str(path)).read_all()[0])
+    assert marker.exists()
 
 
 # Modules and calls that deserialise executable objects. `allow_pickle=False` is the only
