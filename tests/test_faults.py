@@ -320,7 +320,7 @@ def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
     assert len(os.listdir(out)) == 6
 
 
-def test_unwritable_output_folder_fails_before_any_work(tiny_run, tmp_path):
+def test_unwritable_output_folder_fails_before_any_work(tiny_run, tmp_path, monkeypatch):
     _two_scans(tiny_run, tmp_path / "in")
     # /sys is read-only even for root; the CLI reports it in one line, with no traceback.
     out = subprocess.run(
@@ -330,9 +330,24 @@ def test_unwritable_output_folder_fails_before_any_work(tiny_run, tmp_path):
     assert out.returncode == 2
     assert "error: /sys/uadjax-out: cannot write to the output folder" in out.stderr
     assert "Traceback" not in out.stderr
-    with pytest.raises(OSError, match="cannot write to the output folder"):
-        evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir="/sys/uadjax-eval",
-                                progress=False)
+    # In process, with every entry to scoring replaced by a tripwire: none is reached.
+    def tripwire(*args, **kwargs):
+        raise AssertionError("scoring started before the output folder was checked")
+
+    with monkeypatch.context() as patch:
+        for module, name in ((predict, "make_batch_scorer"), (predict, "predict_scan"),
+                             (evaluate, "score_splits")):
+            patch.setattr(module, name, tripwire)
+        with pytest.raises(OSError, match="cannot write to the output folder"):
+            predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), "/sys/uadjax-out",
+                                  progress=False)
+        with pytest.raises(OSError, match="cannot write to the output folder"):
+            evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir="/sys/uadjax-eval",
+                                    progress=False)
+        # The tripwires are live: a writable folder reaches them.
+        with pytest.raises(AssertionError, match="scoring started"):
+            evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(tmp_path / "ok"),
+                                    progress=False)
 
 
 def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_path, monkeypatch):
