@@ -182,9 +182,17 @@ def test_two_stage_run_end_to_end(tiny_run, tmp_path):
     with open(os.path.join(config.workdir, "eval", "results.json")) as f:
         assert json.load(f)["timing"]["seconds_per_volume"] > 0
 
-    # The trainer started stage 2 from the pre-trained encoder (lr 0 kept it there).
+    # The trainer started stage 2 from the pre-trained encoder (lr 0 kept it there), and
+    # the pre-training's step moved that encoder: Adam's first step moves a parameter with a
+    # gradient by about the learning rate, AdamW's weight decay alone by 5 % of it at most.
     pretrained = _stage_encoder(config, config.workdir, "pretrain")
     _assert_same(_stage_encoder(config, config.workdir, "diffusion"), pretrained)
+    pre_cfg = train.stage_config(config, "pretrain")
+    initial = _encoder_params(get_method("cddpm").stage("pretrain").make_model(
+        pre_cfg, nnx.Rngs(config.seed)))
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(initial, pretrained, strict=True))
+    assert moved > 0.5 * pre_cfg.train.learning_rate, moved
 
     # Another run reusing that pre-training: only stage 2 is trained there, from the reused
     # encoder, and evaluation needs no pre-training checkpoint of its own.
