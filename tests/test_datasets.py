@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -308,10 +309,19 @@ def test_spaces_non_ascii_paths_and_colliding_ids(tmp_path):
 
 
 def test_subject_ids_cannot_escape_the_output_folder():
-    for raw in ("../../etc", "/abs/path", "a/../../b", "..", "\u00e9\u00e8/..\\x"):
+    """Ids keep to [A-Za-z0-9._-] (every printable ASCII character, whitespace, control
+    characters, accents and other scripts tried), never start with a dot, and stay inside
+    the output folder."""
+    hostile = ["../../etc", "/abs/path", "a/../../b", "..", "\u00e9\u00e8/..\\x", "a\x00b",
+               "tab\there", "new\nline", "\u4e2d\u6587", "$(rm -rf)", "a:b*c?d", "CON", ".hidden",
+               "".join(chr(c) for c in range(32, 127))]
+    for raw in hostile:
         sid = datasets.subject_id("d", raw)
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", sid), (raw, sid)
         assert "/" not in sid and "\\" not in sid and not sid.startswith(".")
         assert Path("/out", sid).resolve().parent == Path("/out")
+    assert datasets.subject_id("d", "sub-01_A.b") == "d-sub-01_A.b"  # kept as given
+    assert datasets.subject_id("d", "s\u00fcb \u00e91") == "d-sub_e1"  # accents dropped
 
 
 @pytest.mark.parametrize("dtype, scale", [(np.uint16, 65000.0), (np.int16, 32000.0),
