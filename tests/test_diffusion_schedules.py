@@ -180,3 +180,23 @@ def test_diffusion_loss_variants():
         D.diffusion_loss(pred, target, kind="huber")
     g = jax.jit(jax.grad(lambda p: D.diffusion_loss(p, target, kind="l2", mask=mask)))(pred)
     assert np.count_nonzero(np.asarray(g)) == 1  # pixel (0, 0, 0) has zero error
+
+
+def test_the_regeneration_script_writes_what_these_tests_read(monai):
+    """benchmarks/make_monai_testvectors.py (needs the `bench` extra to run) lays out each
+    case as the shipped file does, at the same timesteps, shapes and settings."""
+    from benchmarks import make_monai_testvectors as make
+
+    assert set(monai) == set(make.SCHEDULES)
+    for name, shipped in monai.items():
+        rebuilt = make.case(name, **{k: shipped[k] for k in ("betas", "alphas_cumprod")},
+                            add_noise=shipped["add_noise"], ddpm_steps=shipped["ddpm_step"],
+                            ddim_steps=shipped["ddim_step"],
+                            ddim_timesteps=shipped["ddim_timesteps_50"])
+        assert rebuilt == shipped
+        assert tuple(shipped["add_noise"]["t"]) == make.ADD_NOISE_T
+        assert tuple(s["t"] for s in shipped["ddpm_step"]) == make.DDPM_T
+        assert tuple(s["t"] for s in shipped["ddim_step"]) == make.DDIM_T
+        assert np.asarray(shipped["ddpm_step"][0]["sample"]).shape == make.SHAPE
+        assert len(shipped["ddim_timesteps_50"]) == make.DDIM_STEPS
+        assert {s["variance_type"] for s in shipped["ddpm_step"]} == {"fixed_small"}
