@@ -215,6 +215,34 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
     _assert_same_weights(jax.device_get(resumed["state"]), jax.device_get(straight))
 
 
+def test_multi_host_runs_stop_instead_of_falling_back(tmp_path, monkeypatch):
+    """With more than one process a bad latest step is an error naming it (each host would
+    otherwise choose its own fallback step), and nothing is moved aside; one process falls
+    back (the control)."""
+    directory = tmp_path / "checkpoints"
+    ckpt = checkpointing.Checkpointer(str(directory), asynchronous=False)
+    state = {"w": np.arange(8, dtype=np.float32), "step": np.int32(0)}
+    for step in (1, 2):
+        ckpt.save(step, {**state, "step": np.int32(step)}, config={"method": "ddpm"})
+    ckpt.close()
+    shutil.rmtree(directory / "2" / "state")
+    shutil.copytree(directory / "1" / "state", directory / "2" / "state")  # digest mismatch
+    abstract = checkpointing.abstract_like(state)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing, "_multi_host", lambda: True)
+        ckpt = checkpointing.Checkpointer(str(directory), asynchronous=False)
+        with pytest.raises(checkpointing.CheckpointError,
+                           match=r"step 2: integrity check failed.*multi-host runs do not fall "
+                                 r"back on their own"):
+            ckpt.restore(abstract, quarantine=True)
+        ckpt.close()
+    assert (directory / "2").is_dir() and not (tmp_path / "checkpoints_corrupt").exists()
+    ckpt = checkpointing.Checkpointer(str(directory), asynchronous=False)
+    with pytest.warns(UserWarning, match="falling back to step 1"):
+        assert int(ckpt.restore(abstract)["step"]) == 1
+    ckpt.close()
+
+
 def test_half_written_or_unreadable_checkpoints(tiny_data, tmp_path):
     config = _config(tiny_data, num_steps=4, checkpoint_every_steps=2)
     workdir = tmp_path / "run"

@@ -132,7 +132,7 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - any failure means: try an older step
                 problems.append(f"step {candidate}: {_short(err)}")
                 continue
-            if problems and jax.process_count() > 1:
+            if problems and _multi_host():
                 # Each host would decide alone (a transient read error on one host would
                 # put the hosts on different steps): stop and let a person look.
                 raise CheckpointError(
@@ -180,7 +180,7 @@ class Checkpointer:
             source = os.path.join(self.directory, str(step))
             if os.path.isdir(source) and jax.process_index() == 0:
                 shutil.move(source, os.path.join(target_root, f"{step}-{int(time.time())}"))
-        if jax.process_count() > 1:
+        if _multi_host():
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("uadjax checkpoint quarantine")
@@ -235,3 +235,8 @@ def _config_to_dict(config) -> dict:
     if hasattr(config, "to_json_best_effort"):
         return json.loads(config.to_json_best_effort())
     return dict(config)
+
+
+def _multi_host() -> bool:
+    """Whether this run has several JAX processes (then hosts must agree on every step)."""
+    return jax.process_count() > 1
