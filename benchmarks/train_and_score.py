@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from uadjax import parallel, train, train_state
+from uadjax import parallel, train_state, trainer
 from uadjax.methods import get_method
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ddpm.py:cpu", "Method config.")
@@ -79,14 +79,14 @@ def main(_):
                "device_kind": jax.devices()[0].device_kind, "train": {}}
     models = {}
     for stage in method.active_stages(config):
-        cfg = train.stage_config(config, stage.name)
+        cfg = trainer.stage_config(config, stage.name)
         tx = train_state.make_optimizer(cfg.train)
-        graphdef, state = train.init_state(stage, cfg, tx, seed=0)
+        graphdef, state = trainer.init_state(stage, cfg, tx, seed=0)
         if not _TRAIN.value:
-            models[stage.name] = train.merge(graphdef, state["params"], state["rest"])
+            models[stage.name] = trainer.merge(graphdef, state["params"], state["rest"])
             continue
         state = parallel.replicate(state, mesh)
-        step = jax.jit(train.make_train_step(stage, graphdef, tx, cfg,
+        step = jax.jit(trainer.make_train_step(stage, graphdef, tx, cfg,
                                              base_key=jax.random.key(0)), donate_argnums=(0,))
         batch = parallel.to_global(_batch(cfg, cfg.train.batch_size, rng), mesh)
         holder = {"state": state}
@@ -103,7 +103,7 @@ def main(_):
         figures["train"][stage.name] = {"batch": cfg.train.batch_size, "ms_per_step": dt * 1e3,
                                         "slices_per_s": cfg.train.batch_size / dt,
                                         "gflop_per_slice": gflop, "compile_s": compile_s}
-        models[stage.name] = train.merge(graphdef, holder["state"]["ema_params"],
+        models[stage.name] = trainer.merge(graphdef, holder["state"]["ema_params"],
                                          holder["state"]["rest"])
     models = {s.name: models[s.name] for s in method.scoring_stages(config)}
 

@@ -129,7 +129,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     d.phantom_variant = "tiny" if size == "tiny" else "default"  # configs/phantom.py variant
     d.phantom_seed = 0
 
-    # Training loop (uadjax/train.py).
+    # Training loop (uadjax/trainer.py).
     config.train = ml_collections.ConfigDict()
     t = config.train
     t.batch_size = 32             # global batch (split over all devices)
@@ -157,7 +157,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     t.on_non_finite = "stop"
     t.max_skipped_steps = 100
 
-    # Evaluation (uadjax/evaluate.py): Behrendt post-processing and threshold protocol.
+    # Evaluation (uadjax/evaluation.py): Behrendt post-processing and threshold protocol.
     config.eval = ml_collections.ConfigDict()
     e = config.eval
     e.batch_size = 64

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import cddpm as cddpm_config
-from uadjax import jobs, runs, train
+from uadjax import jobs, runs, trainer
 from uadjax.methods import get_method
 from uadjax.models import make_model
 from uadjax.models.resnet import ResNetEncoder
@@ -133,12 +133,12 @@ def test_config_variants_and_stage_overrides():
     assert [s.name for s in method.active_stages(paper)] == ["pretrain", "diffusion"]
     nopre = cddpm_config.get_config("cpu,nopretrain")
     assert [s.name for s in method.active_stages(nopre)] == ["diffusion"]
-    pre = train.stage_config(paper, "pretrain").train
+    pre = trainer.stage_config(paper, "pretrain").train
     assert (pre.optimizer, pre.weight_decay, pre.b2) == ("adamw", 0.05, 0.95)
-    assert train.stage_config(paper, "diffusion").train.optimizer == "adam"
+    assert trainer.stage_config(paper, "diffusion").train.optimizer == "adam"
     paper.stage_train.pretrain.bogus = 1
     with pytest.raises(ValueError, match="bogus"):
-        train.stage_config(paper, "pretrain")
+        trainer.stage_config(paper, "pretrain")
     with pytest.raises(ValueError, match="modifiers"):
         cddpm_config.get_config("cpu,wrong")
 
@@ -187,7 +187,7 @@ def test_two_stage_run_end_to_end(tiny_run, tmp_path):
     # gradient by about the learning rate, AdamW's weight decay alone by 5 % of it at most.
     pretrained = _stage_encoder(config, config.workdir, "pretrain")
     _assert_same(_stage_encoder(config, config.workdir, "diffusion"), pretrained)
-    pre_cfg = train.stage_config(config, "pretrain")
+    pre_cfg = trainer.stage_config(config, "pretrain")
     initial = _encoder_params(get_method("cddpm").stage("pretrain").make_model(
         pre_cfg, nnx.Rngs(config.seed)))
     moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -214,8 +214,8 @@ def test_second_stage_needs_a_finished_first(tiny_run, tmp_path):
     # A pre-training stopped at step 1 of 3 (killed): stage 2 refuses to start from it.
     config.stage_train.pretrain.num_steps = 3
     stage = get_method("cddpm").stage("pretrain")
-    data = jobs.make_train_data(train.stage_config(config, "pretrain"), stage)
-    out = train.train_stage(stage, config, config.workdir, data, stop_at_step=1, progress=False)
+    data = jobs.make_train_data(trainer.stage_config(config, "pretrain"), stage)
+    out = trainer.train_stage(stage, config, config.workdir, data, stop_at_step=1, progress=False)
     assert not out["finished"]
     with pytest.raises(RuntimeError, match="step 1 of 3"):
         jobs.train(config, config.workdir, stages=["diffusion"], progress=False)

@@ -21,7 +21,7 @@ import pytest
 from helpers_train import NanBatches
 
 from configs import ddpm
-from uadjax import atomic, checkpointing, evaluate, jobs, predict, runs, train, train_state
+from uadjax import atomic, checkpointing, evaluation, jobs, prediction, runs, train_state, trainer
 from uadjax.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +90,13 @@ def _stage():
 
 def _train(config, workdir, **kwargs):
     stage = _stage()
-    return train.train_stage(stage, config, str(workdir), jobs.make_train_data(config, stage),
+    return trainer.train_stage(stage, config, str(workdir), jobs.make_train_data(config, stage),
                              progress=False, **kwargs)
 
 
 def _saved_state(config, workdir, step=None):
     stage = _stage()
-    _, state = train.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)
+    _, state = trainer.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"),
                                       asynchronous=False)
     try:
@@ -202,10 +202,10 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
         _, steps = runs.load_models_and_steps(config, str(workdir))
     assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True,
                                    "trained_steps": 2, "num_steps": 4}}
-    line = evaluate._checkpoint_line({"checkpoints": steps})
+    line = evaluation._checkpoint_line({"checkpoints": steps})
     assert ("diffusion step 2 (**unfinished**: 2 of 4 steps) (**not the latest**: step 4 "
             "could not be read") in line
-    assert evaluate._checkpoint_line({"checkpoints": {}}) == "none (no trained stages)."
+    assert evaluation._checkpoint_line({"checkpoints": {}}) == "none (no trained stages)."
     # Training resumes from step 2, sets the bad step aside and redoes it exactly.
     config.train.num_steps = 4
     with pytest.warns(UserWarning, match="falling back to step 2"):
@@ -286,7 +286,7 @@ def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, cap
     stage = _stage()
     data = jobs.make_train_data(config, stage)
     data.train_iter = NanBatches(data.train_iter, bad=lambda i: i == 2)  # step 3
-    out = train.train_stage(stage, config, str(tmp_path / "skip"), data, progress=False)
+    out = trainer.train_stage(stage, config, str(tmp_path / "skip"), data, progress=False)
     assert out["finished"] and "non-finite loss or gradient at step(s) [2]" in capsys.readouterr().out
     before = _saved_state(config, str(tmp_path / "skip"), step=2)
     after = _saved_state(config, str(tmp_path / "skip"), step=3)
@@ -302,8 +302,8 @@ def test_non_finite_updates_are_skipped_when_configured(tiny_data, tmp_path, cap
     # state before that step (finite, the earlier skipped step dropped as well).
     data = jobs.make_train_data(config, stage)
     data.train_iter = NanBatches(data.train_iter, bad=lambda i: i in (1, 3))  # steps 2, 4
-    with pytest.raises(train.NonFiniteLossError, match="last at step 3"):
-        train.train_stage(stage, config, str(tmp_path / "stop"), data, progress=False)
+    with pytest.raises(trainer.NonFiniteLossError, match="last at step 3"):
+        trainer.train_stage(stage, config, str(tmp_path / "stop"), data, progress=False)
     assert _finished_steps(tmp_path / "stop") == 3
     kept = _saved_state(config, str(tmp_path / "stop"))
     assert int(kept["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(kept))
@@ -327,7 +327,7 @@ def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
         tiny_run, tmp_path, monkeypatch):
     ids = _two_scans(tiny_run, tmp_path / "in")
     out = tmp_path / "out"
-    real_save = predict.preprocess.save_native_map
+    real_save = prediction.preprocess.save_native_map
     calls = []
 
     def full_after_three_files(path, *args, **kwargs):  # scan 1: 2 maps, scan 2: 1 map
@@ -336,13 +336,13 @@ def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(predict.preprocess, "save_native_map", full_after_three_files)
-    with pytest.raises(predict.OutputError, match=r"No space left on device. 1 of 2 scans"):
-        predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out), progress=False)
+    monkeypatch.setattr(prediction.preprocess, "save_native_map", full_after_three_files)
+    with pytest.raises(prediction.OutputError, match=r"No space left on device. 1 of 2 scans"):
+        prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out), progress=False)
     assert sorted(os.listdir(out)) == sorted(f"{ids[0]}{s}" for s in (
         "_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png"))
-    monkeypatch.setattr(predict.preprocess, "save_native_map", real_save)
-    report = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out),
+    monkeypatch.setattr(prediction.preprocess, "save_native_map", real_save)
+    report = prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out),
                                    progress=False)
     assert report.skipped == [ids[0]] and len(report.written) == 3 and report.ok
     assert len(os.listdir(out)) == 6
@@ -363,24 +363,24 @@ def test_unwritable_output_folder_fails_before_any_work(tiny_run, tmp_path, monk
         raise AssertionError("scoring started before the output folder was checked")
 
     with monkeypatch.context() as patch:
-        for module, name in ((predict, "make_batch_scorer"), (predict, "predict_scan"),
-                             (evaluate, "score_splits")):
+        for module, name in ((prediction, "make_batch_scorer"), (prediction, "predict_scan"),
+                             (evaluation, "score_splits")):
             patch.setattr(module, name, tripwire)
         with pytest.raises(OSError, match="cannot write to the output folder"):
-            predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), "/sys/uadjax-out",
+            prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), "/sys/uadjax-out",
                                   progress=False)
         with pytest.raises(OSError, match="cannot write to the output folder"):
-            evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir="/sys/uadjax-eval",
+            evaluation.run_evaluation(tiny_run, tiny_run.workdir, out_dir="/sys/uadjax-eval",
                                     progress=False)
         # The tripwires are live: a writable folder reaches them.
         with pytest.raises(AssertionError, match="scoring started"):
-            evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(tmp_path / "ok"),
+            evaluation.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(tmp_path / "ok"),
                                     progress=False)
 
 
 def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_path, monkeypatch):
     out_dir = tmp_path / "eval"
-    first = evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+    first = evaluation.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
                                     progress=False)
     step = int(tiny_run.train.num_steps)
     assert first["checkpoints"] == {"diffusion": {"step": step, "latest_step": step,
@@ -394,12 +394,12 @@ def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_pa
 
     monkeypatch.setattr("uadjax.report.write_report", full)
     with pytest.raises(OSError, match="No space left"):
-        evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+        evaluation.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
                                 progress=False)
     after = {p.name: p.read_bytes() for p in out_dir.iterdir()}
     assert after == before  # no staging folder, no new results.json beside an old report
     monkeypatch.undo()
-    again = evaluate.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
+    again = evaluation.run_evaluation(tiny_run, tiny_run.workdir, out_dir=str(out_dir),
                                     progress=False)
     # Same seed, same scores: every metric of the rerun equals the first evaluation.
     assert json.dumps(again["results"], sort_keys=True) == json.dumps(first["results"],
@@ -410,7 +410,7 @@ def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_pa
 def test_same_seed_same_prediction(tiny_run, tmp_path):
     _two_scans(tiny_run, tmp_path / "in")
     for name in ("a", "b"):
-        report = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"),
+        report = prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"),
                                        str(tmp_path / name), progress=False)
         assert report.ok and len(report.written) == 6
     for path in sorted((tmp_path / "a").glob("*.nii.gz")):
@@ -427,8 +427,8 @@ from uadjax import jobs
 workdir, scans, maps, eval_dir = sys.argv[1:5]
 config = ml_collections.ConfigDict(json.load(open(workdir + "/config.json")))
 jobs.evaluate(config, workdir, out_dir=eval_dir, progress=False)
-from uadjax import predict
-assert predict.predict_paths(workdir, scans, maps, progress=False).ok
+from uadjax import prediction
+assert prediction.predict_paths(workdir, scans, maps, progress=False).ok
 """
 
 
@@ -441,7 +441,7 @@ def test_same_seed_same_results_in_a_fresh_process(tiny_run, tmp_path):
     """Evaluation and prediction rerun in a new Python process (new JAX runtime, new
     compilation) reproduce this process's results.json, subjects.csv and maps exactly."""
     _two_scans(tiny_run, tmp_path / "in")
-    here = predict.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(tmp_path / "here"),
+    here = prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(tmp_path / "here"),
                                  progress=False)
     assert here.ok
     subprocess.run([sys.executable, "-c", FRESH_PROCESS, tiny_run.workdir, str(tmp_path / "in"),

@@ -12,7 +12,7 @@ from flax import nnx
 from helpers_methods import Halver
 
 from configs import ldm as ldm_config
-from uadjax import diffusion, jobs, runs, train
+from uadjax import diffusion, jobs, runs, trainer
 from uadjax.methods import get_method, ldm
 from uadjax.models.vqvae import VQVAE, VectorQuantizer, nearest_code
 
@@ -249,11 +249,11 @@ def test_config_variants():
     short = ldm_config.get_config("cpu,short")
     assert short.train.num_steps == short.stage_train.vqvae.num_steps == 300
     # The calibration is a statistics pass: the budget leaves its 20 batches alone.
-    cal = train.stage_config(short, "calibrate").train
+    cal = trainer.stage_config(short, "calibrate").train
     assert (cal.data_split, cal.augment, cal.num_steps, cal.val_every_steps) == (
         "val_healthy", False, 20, 0)
     assert get_method("ldm").stage("calibrate").is_statistics
-    assert train.stage_config(short, "vqvae").train.ema_decay == 0.0
+    assert trainer.stage_config(short, "vqvae").train.ema_decay == 0.0
     assert [s.name for s in get_method("ldm").active_stages(short)] == [
         "vqvae", "diffusion", "calibrate"]
     with pytest.raises(ValueError, match="modifiers"):
@@ -292,7 +292,7 @@ def test_three_stage_run_end_to_end(tiny_run, tmp_path):
     assert scale > 0 and scale == float(dif.latent_scale[...])
     # Calibration counted the in-brain latent positions of its healthy validation batches.
     counts = np.asarray(cal.kl_counts[...])
-    steps = train.stage_config(config, "calibrate").train.num_steps
+    steps = trainer.stage_config(config, "calibrate").train.num_steps
     assert 0 < counts.sum() <= steps * config.train.batch_size * 4 * 4
     threshold = float(ldm.kl_threshold(cal, config))
     assert np.isfinite(threshold) and threshold > 0

@@ -9,7 +9,7 @@ from flax import nnx
 from helpers_methods import perturbed
 
 from configs import mmccd as mmccd_configs
-from uadjax import diffusion, jobs, train, train_state
+from uadjax import diffusion, jobs, train_state, trainer
 from uadjax.data import builder, schema
 from uadjax.methods import get_method, mmccd
 from uadjax.models import make_model
@@ -309,13 +309,13 @@ def test_config_variants():
 
 def _train(stage, config, batches, steps):
     tx = train_state.make_optimizer(config.train)
-    graphdef, state = train.init_state(stage, config, tx, seed=0)
-    step = jax.jit(train.make_train_step(stage, graphdef, tx, config,
+    graphdef, state = trainer.init_state(stage, config, tx, seed=0)
+    step = jax.jit(trainer.make_train_step(stage, graphdef, tx, config,
                                          base_key=jax.random.key(0)))
-    untrained = train.merge(graphdef, state["params"], state["rest"])
+    untrained = trainer.merge(graphdef, state["params"], state["rest"])
     for i in range(steps):
         state, _ = step(state, batches[i % len(batches)])
-    return untrained, train.merge(graphdef, state["params"], state["rest"])
+    return untrained, trainer.merge(graphdef, state["params"], state["rest"])
 
 
 def test_short_training_closes_the_cycle(tiny_data):

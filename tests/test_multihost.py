@@ -88,13 +88,13 @@ def _config(tiny_data, steps):
 
 @pytest.mark.slow
 def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
-    from uadjax import jobs, runs, train, train_state
+    from uadjax import jobs, runs, train_state, trainer
     from uadjax.methods import get_method
 
     stage = get_method("ddpm").stages[0]
     config = _config(tiny_data, 4)
     # The reference: this (single) process, all of its devices, 4 steps straight.
-    out = train.train_stage(stage, config, str(tmp_path / "single"),
+    out = trainer.train_stage(stage, config, str(tmp_path / "single"),
                             jobs.make_train_data(config, stage), progress=False)
     single = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(out["state"]["params"]))]
 
@@ -105,7 +105,7 @@ def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
     assert all("resuming from the checkpoint of step 2" in out for out in outputs), outputs
     assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == 4
 
-    _, init = train.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)
+    _, init = trainer.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)
     moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
                 zip(single, jax.tree.leaves(jax.device_get(init["params"])), strict=True))
     assert moved > 1e-3  # training moved the parameters far beyond the tolerance below

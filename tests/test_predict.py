@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from configs import threshold as threshold_configs
-from uadjax import jobs, predict, runs
+from uadjax import jobs, prediction, runs
 
 
 def _phantom_t2(tiny_run):
@@ -37,7 +37,7 @@ def test_predict_keeps_shape_and_affine_and_resumes(tiny_run, tmp_path):
     nib.save(moved, str(inputs / "scanB.nii.gz"))
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
     out = tmp_path / "out"
-    report = predict.predict_paths(tiny_run.workdir, str(inputs), str(out), progress=False)
+    report = prediction.predict_paths(tiny_run.workdir, str(inputs), str(out), progress=False)
     assert len(report.failures) == 1 and "broken.nii.gz" in report.failures[0][0]
     assert not report.ok
     for name, img in (("scanA", original), ("scanB", moved)):
@@ -49,7 +49,7 @@ def test_predict_keeps_shape_and_affine_and_resumes(tiny_run, tmp_path):
         assert set(np.unique(seg)) <= {0, 1}
         assert (out / f"{name}_overview.png").stat().st_size > 0
     assert not [p for p in os.listdir(out) if ".tmp" in p]
-    again = predict.predict_paths(tiny_run.workdir, str(inputs), str(out), progress=False)
+    again = prediction.predict_paths(tiny_run.workdir, str(inputs), str(out), progress=False)
     assert sorted(again.skipped) == ["scanA", "scanB"] and not again.written
 
 
@@ -102,7 +102,7 @@ def test_predict_maps_land_on_a_planted_lesion_in_any_orientation(threshold_run,
     flipped = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
                                               np.array([[1, -1], [0, 1], [2, 1]]))
     nib.save(img.as_reoriented(flipped), str(inputs / "scanB.nii.gz"))
-    report = predict.predict_paths(workdir, str(inputs), str(tmp_path / "out"), progress=False)
+    report = prediction.predict_paths(workdir, str(inputs), str(tmp_path / "out"), progress=False)
     assert report.ok and len(report.written) == 9  # three scans x map, segmentation, png
     out = {name: {kind: nib.load(str(tmp_path / "out" / f"{name}_{kind}.nii.gz"))
                   for kind in ("anomaly", "segmentation")} for name in ("scanA", "scanB", "scanH")}
@@ -130,9 +130,9 @@ def test_predict_needs_an_evaluated_run(tmp_path):
 def test_find_scans_groups_modalities(tmp_path):
     for name in ("s1_t2.nii.gz", "s1_flair.nii.gz", "s2_t2.nii.gz", "s1_t2_anomaly.nii.gz"):
         (tmp_path / name).write_bytes(b"")
-    scans = predict.find_scans(str(tmp_path), ("t2", "flair"))
+    scans = prediction.find_scans(str(tmp_path), ("t2", "flair"))
     assert set(scans) == {"s1", "s2"} and set(scans["s1"]) == {"t2", "flair"}
-    single = predict.find_scans(str(tmp_path), ("t2",))
+    single = prediction.find_scans(str(tmp_path), ("t2",))
     assert "s1_t2_anomaly" not in single and len(single) == 3
     with pytest.raises(Exception, match="not found"):
-        predict.find_scans(str(Path(tmp_path) / "nope"), ("t2",))
+        prediction.find_scans(str(Path(tmp_path) / "nope"), ("t2",))

@@ -13,7 +13,7 @@ from uadjax.results import SCHEMA_VERSION, EvaluationResults, ResultsError
 
 
 def _summary():
-    """A results.json as `evaluate.run_evaluation` builds it, from the real protocol."""
+    """A results.json as `evaluation.run_evaluation` builds it, from the real protocol."""
     rng = np.random.default_rng(0)
     splits = _splits(lambda seg: seg.astype(np.float32) * 0.6 + 0.2 * rng.random(seg.shape),
                      rng)

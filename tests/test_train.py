@@ -13,7 +13,7 @@ from flax import nnx
 from helpers_train import NanBatches
 
 from configs import ddpm
-from uadjax import checkpointing, jobs, parallel, runs, train, train_state
+from uadjax import checkpointing, jobs, parallel, runs, train_state, trainer
 from uadjax.methods import get_method
 from uadjax.methods.base import Stage
 
@@ -51,9 +51,9 @@ def test_sharded_step_matches_single_device(tiny_run):
     outputs = []
     for n in (8, 1):
         mesh = parallel.make_mesh(n)
-        graphdef, state = train.init_state(stage, config, tx, seed=0)
+        graphdef, state = trainer.init_state(stage, config, tx, seed=0)
         state = parallel.replicate(state, mesh)
-        step = jax.jit(train.make_train_step(stage, graphdef, tx, config,
+        step = jax.jit(trainer.make_train_step(stage, graphdef, tx, config,
                                              base_key=jax.random.key(0)))
         state, metrics = step(state, parallel.to_global(host_batch, mesh))
         outputs.append((jax.device_get(state["params"]), float(metrics["loss"]),
@@ -63,7 +63,7 @@ def test_sharded_step_matches_single_device(tiny_run):
     assert norm8 == pytest.approx(norm1, rel=1e-4)
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    graphdef, state = train.init_state(stage, config, tx, seed=0)
+    graphdef, state = trainer.init_state(stage, config, tx, seed=0)
     key = jax.random.fold_in(jax.random.key(0), 0)
     batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
 
@@ -79,7 +79,7 @@ def test_sharded_step_matches_single_device(tiny_run):
 
 def _train(config, workdir, *, stop_at_step=None):
     stage = _stage()
-    return train.train_stage(stage, config, workdir, jobs.make_train_data(config, stage),
+    return trainer.train_stage(stage, config, workdir, jobs.make_train_data(config, stage),
                              progress=False, stop_at_step=stop_at_step)
 
 
@@ -123,7 +123,7 @@ def test_a_statistics_stage_counts_its_batches_resumes_and_has_no_optimiser(tiny
     config = _tiny_config(tiny_run, log_every_steps=1)
     config.stage_statistics = {"totals": {"data_split": "val_healthy", "augment": False,
                                           "num_batches": 3}}
-    cfg = train.stage_config(config, "totals")
+    cfg = trainer.stage_config(config, "totals")
     assert (cfg.train.num_steps, cfg.train.checkpoint_every_steps,
             cfg.train.val_every_steps, cfg.train.data_split) == (3, 3, 0, "val_healthy")
     # The independent reference: the same three batches summed in NumPy.
@@ -133,7 +133,7 @@ def test_a_statistics_stage_counts_its_batches_resumes_and_has_no_optimiser(tiny
     count = sum(np.sum(b["brain_mask"]) for b in batches)
 
     def run(workdir, stop_at_step=None):
-        return train.train_stage(TOTALS, config, workdir, jobs.make_train_data(cfg, TOTALS),
+        return trainer.train_stage(TOTALS, config, workdir, jobs.make_train_data(cfg, TOTALS),
                                  progress=False, stop_at_step=stop_at_step)
 
     straight = run(str(tmp_path / "straight"))
@@ -161,8 +161,8 @@ def test_a_statistics_stage_counts_its_batches_resumes_and_has_no_optimiser(tiny
     old.stage_train = {"totals": {"num_steps": 1}}
     as_training = Stage(name="totals", make_model=_Totals, loss_fn=lambda m, b, k, c: (
         0.0 * m.scale[...], _add_batch(m, b, k, c)))
-    train.train_stage(as_training, old, str(tmp_path / "old"),
-                      jobs.make_train_data(train.stage_config(old, "totals"), as_training),
+    trainer.train_stage(as_training, old, str(tmp_path / "old"),
+                      jobs.make_train_data(trainer.stage_config(old, "totals"), as_training),
                       progress=False)
     with pytest.raises(checkpointing.CheckpointError, match="older uadjax.*--stage=totals"):
         runs.load_stage_checkpoint(config, str(tmp_path / "old"), TOTALS)
@@ -170,7 +170,7 @@ def test_a_statistics_stage_counts_its_batches_resumes_and_has_no_optimiser(tiny
         Stage(name="both", make_model=_Totals, loss_fn=_add_batch, statistics_fn=_add_batch)
     config.stage_train = {"totals": {"num_steps": 3}}
     with pytest.raises(ValueError, match="both config.stage_train and config.stage_statistics"):
-        train.stage_config(config, "totals")
+        trainer.stage_config(config, "totals")
 
 
 def test_a_stage_never_resumes_on_other_data(tiny_run, tmp_path):
@@ -179,16 +179,16 @@ def test_a_stage_never_resumes_on_other_data(tiny_run, tmp_path):
     config = _tiny_config(tiny_run, num_steps=4, checkpoint_every_steps=100, val_every_steps=0)
     workdir = str(tmp_path / "run")
     assert _train(config, workdir, stop_at_step=2)["step"] == 2
-    saved = os.path.join(workdir, "diffusion", train.DATA_IDENTITY_FILE)
+    saved = os.path.join(workdir, "diffusion", trainer.DATA_IDENTITY_FILE)
     identity = jobs.data_identity(config)
     assert len(identity["manifest_sha256"]) == 64
     stage = _stage()
     data = jobs.make_train_data(config, stage)
-    other = train.TrainData(train_iter=data.train_iter, val_batches=data.val_batches,
+    other = trainer.TrainData(train_iter=data.train_iter, val_batches=data.val_batches,
                             identity={**identity, "manifest_sha256": "0" * 64})
     with pytest.raises(checkpointing.CheckpointError, match="trained on other data"):
-        train.train_stage(stage, config, workdir, other, progress=False)
-    assert train.check_same_data(os.path.dirname(saved), identity, resuming=True) is None
+        trainer.train_stage(stage, config, workdir, other, progress=False)
+    assert trainer.check_same_data(os.path.dirname(saved), identity, resuming=True) is None
     assert _train(config, workdir)["step"] == 4  # the same data resumes
 
 
@@ -199,12 +199,12 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoint(tiny_run, tmp_path):
     data = jobs.make_train_data(config, stage)
     data.train_iter = NanBatches(data.train_iter, bad=lambda i: i >= 3)  # step 3 on: NaN
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteLossError, match="at step 3"):
-        train.train_stage(stage, config, workdir, data, progress=False)
+    with pytest.raises(trainer.NonFiniteLossError, match="at step 3"):
+        trainer.train_stage(stage, config, workdir, data, progress=False)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"))
     assert ckpt.latest_step() == 2
     restored = ckpt.restore(checkpointing.abstract_like(
-        train.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)[1]))
+        trainer.init_state(stage, config, train_state.make_optimizer(config.train), seed=0)[1]))
     ckpt.close()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
 
@@ -224,7 +224,7 @@ def test_sigterm_saves_and_resume_finishes(tiny_run, tmp_path):
 
     data.train_iter = SigtermAfterTwo(inner, bad=lambda i: False)
     workdir = str(tmp_path / "sigterm")
-    out = train.train_stage(stage, config, workdir, data, progress=False)
+    out = trainer.train_stage(stage, config, workdir, data, progress=False)
     assert out["step"] == 3 and not out["finished"]
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"))
     assert ckpt.latest_step() == 3
@@ -283,5 +283,5 @@ def test_optimizer_schedules_against_closed_forms():
 
 
 def test_ema_warmup_formula():
-    assert float(train.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
-    assert float(train.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+    assert float(trainer.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(trainer.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)

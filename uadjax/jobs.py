@@ -1,4 +1,5 @@
-"""The jobs behind the command line: phantom, shards, train, evaluate, predict, run.
+"""The jobs behind the command line and `uadjax.api`: phantom, shards, train, evaluate, run
+(prediction is `uadjax.prediction`).
 
 Each job takes the run's ConfigDict; paths in `config.data` are relative to the current
 directory unless absolute. Every job is idempotent: finished work (phantom, shards, trained
@@ -16,7 +17,7 @@ import jax
 
 from uadjax import parallel
 from uadjax.data import builder, pipeline, schema
-from uadjax.train import TrainData
+from uadjax.trainer import TrainData
 
 
 def phantom_dir(config) -> Path:
@@ -140,7 +141,7 @@ def data_identity(config) -> dict | None:
 
 def train(config, workdir: str, *, stages=None, progress: bool = True) -> bool:
     """Trains the configured stages; False if a stage stopped early (SIGTERM)."""
-    from uadjax import train as train_lib
+    from uadjax import trainer as train_lib
 
     ensure_shards(config, progress=progress)
     return train_lib.train(config, workdir, make_data=make_train_data, stages=stages,
@@ -148,20 +149,10 @@ def train(config, workdir: str, *, stages=None, progress: bool = True) -> bool:
 
 
 def evaluate(config, workdir: str, *, out_dir: str | None = None, progress: bool = True) -> dict:
-    from uadjax import evaluate as evaluate_lib
+    from uadjax import evaluation as evaluate_lib
 
     ensure_shards(config, progress=progress)
     return evaluate_lib.run_evaluation(config, workdir, out_dir=out_dir, progress=progress)
-
-
-def predict(workdir: str, input_path: str, output_dir: str, *, brain_mask: str | None = None,
-            overwrite: bool = False) -> int:
-    from uadjax import predict as predict_lib
-
-    report = predict_lib.predict_paths(workdir, input_path, output_dir, brain_mask=brain_mask,
-                                       overwrite=overwrite)
-    print(report.summary())
-    return 0 if report.ok else 1
 
 
 def run_all(config, workdir: str, *, progress: bool = True) -> dict:

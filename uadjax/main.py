@@ -71,7 +71,7 @@ def main(argv):
 
     parallel.initialize_distributed()
     from uadjax.checkpointing import CheckpointError
-    from uadjax.train import NonFiniteLossError
+    from uadjax.trainer import NonFiniteLossError
 
     try:
         _dispatch(mode)
@@ -97,24 +97,25 @@ def _os_error_message(err: OSError) -> str:
 
 
 def _dispatch(mode: str) -> None:
-    from uadjax import jobs
+    from uadjax import api  # the same functions a notebook calls
 
     if mode == "predict":  # the run directory holds its own config
-        code = jobs.predict(_require(_WORKDIR, mode), _require(_INPUT, mode),
-                            _require(_OUTPUT, mode), brain_mask=_BRAIN_MASK.value,
-                            overwrite=_OVERWRITE.value)
-        sys.exit(code)
+        report = api.predict(_require(_WORKDIR, mode), _require(_INPUT, mode),
+                             _require(_OUTPUT, mode), brain_mask=_BRAIN_MASK.value,
+                             overwrite=_OVERWRITE.value)
+        print(report.summary())
+        sys.exit(0 if report.ok else 1)
     config = _require(_CONFIG, mode)
     if mode == "phantom":
-        jobs.ensure_phantom(config, overwrite=_OVERWRITE.value)
+        api.phantom(config, overwrite=_OVERWRITE.value)
     elif mode == "prepare":
-        jobs.ensure_shards(config)
+        api.prepare(config)
     elif mode == "train":
-        jobs.train(config, _require(_WORKDIR, mode), stages=_STAGE.value)
+        api.train(config, _require(_WORKDIR, mode), stages=_STAGE.value)
     elif mode == "evaluate":
-        jobs.evaluate(config, _require(_WORKDIR, mode))
+        api.evaluate(config, _require(_WORKDIR, mode))
     elif mode == "run":
-        jobs.run_all(config, _require(_WORKDIR, mode))
+        api.run_all(config, _require(_WORKDIR, mode))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

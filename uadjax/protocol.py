@@ -11,7 +11,7 @@ literature's alternatives reported beside it and labelled:
   - thresholds 'fpr@r': label-free, at false-positive rate r on healthy validation volumes;
   - per-volume metrics (mean and std over volumes), pooled metrics over all voxels, and the
     false-positive volume on healthy test subjects.
-The job that scores the splits and writes the outputs is `uadjax.evaluate`.
+The job that scores the splits and writes the outputs is `uadjax.evaluation`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run folders: where a trained run's stages live, and loading them back checked.
 
-Layout (see `uadjax.train`): <workdir>/config.json, <workdir>/<stage>/checkpoints/<step>/,
+Layout (see `uadjax.trainer`): <workdir>/config.json, <workdir>/<stage>/checkpoints/<step>/,
 and after evaluation <workdir>/eval/ (results.json, calibration.json, ...). A stage may live
 in another run folder (`config.stage_workdirs.<stage>`) and is then loaded, never trained.
 Evaluation, prediction and the benchmark load networks only through this module.

@@ -1,6 +1,6 @@
 """A stage's training state: the optimiser of its recipe, the state pytree and the module.
 
-The trainer (`uadjax.train`) updates this state and the run-folder helpers (`uadjax.runs`)
+The trainer (`uadjax.trainer`) updates this state and the run-folder helpers (`uadjax.runs`)
 restore it; both build it here, so a checkpoint always has the structure it was saved with.
 """
 

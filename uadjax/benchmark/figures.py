@@ -79,7 +79,7 @@ def save_figures(root: str, entries: list[Entry], records: dict, board: dict) ->
 
 
 def _examples(record: dict, kind: str):
-    from uadjax.evaluate import EXAMPLES_FILE
+    from uadjax.evaluation import EXAMPLES_FILE
 
     path = os.path.join(record["out_dir"], EXAMPLES_FILE)
     if not os.path.exists(path):

@@ -310,6 +310,37 @@ def load_label(path) -> Volume:
                   header=vol.header)
 
 
+def array_volume(name: str, data, affine, *, label: bool = False) -> Volume:
+    """An in-memory array as a checked `Volume`, as `load_nifti` (or `load_label`) would
+    return a file holding it; `name` stands for the path in error messages.
+
+    Args:
+      data: [X, Y, Z] array (trailing length-1 axes are dropped).
+      affine: [4, 4] voxel-to-world (mm) matrix, invertible.
+      label: a brain mask or segmentation: whole numbers, voxels > 0 become 1.
+
+    Raises:
+      DataError: not 3D, NaN/Inf values, a bad affine, or (labels) unexpected values.
+    """
+    path = Path(name)
+    data = np.asarray(data)
+    shape = check_shape(path, data.shape)
+    data = data.reshape(shape).astype(np.float32, copy=False)
+    if not np.all(np.isfinite(data)):
+        raise DataError(path, f"{int(np.count_nonzero(~np.isfinite(data)))} NaN/Inf voxels")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(
+            np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(path, f"the affine must be an invertible finite 4 x 4 matrix, not "
+                              f"{affine.tolist()}")
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    if label:
+        check_label_values(path, data)
+        data = (data > 0).astype(np.uint8)
+    return Volume(path=path, data=data, affine=affine, header=header)
+
+
 def check_same_grid(ref: Volume, other: Volume, *, atol: float = AFFINE_ATOL) -> None:
     """Checks that `other` lies on the voxel grid of `ref` (shape and affine).
 

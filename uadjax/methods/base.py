@@ -3,7 +3,7 @@
 A stage is either trained (`loss_fn`: the trainer's optimiser, EMA and validation apply) or
 a statistics pass (`statistics_fn`: frozen networks, non-parameter variables such as a
 histogram updated in place over a fixed number of batches, no optimiser); both run in the
-same loop with the same checkpoints, resume and data handling (`uadjax/train.py`).
+same loop with the same checkpoints, resume and data handling (`uadjax/trainer.py`).
 
 Everything else (data, trainer, checkpoints, sharding, evaluation, prediction) is shared, so a
 new method is one module in `uadjax/methods/` exposing `METHOD`, plus one config file.

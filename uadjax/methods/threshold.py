@@ -10,7 +10,7 @@ from uadjax.methods.base import Method
 def intensity_score(image, channels=None):
     """image [..., M] (NumPy or JAX) -> [...] the mean intensity over `channels` (all when
     None): the score of this method, and of the baseline an evaluation scores beside a
-    method (`uadjax.evaluate`)."""
+    method (`uadjax.evaluation`)."""
     if channels is not None:
         image = image[..., list(channels)]
     return image.mean(axis=-1)

@@ -12,7 +12,7 @@ network only needs the decorator.
 
 Training and inference split a module with ``nnx.split(model, nnx.Param, ...)`` into a
 graph definition, its parameters and the rest, and merge them inside the jitted step
-(`uadjax.train.make_train_step`, `uadjax.inference.scoring.make_batch_scorer` closes over
+(`uadjax.trainer.make_train_step`, `uadjax.inference.scoring.make_batch_scorer` closes over
 the merged modules).
 """
 

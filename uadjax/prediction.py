@@ -92,6 +92,67 @@ def volume_records(images: np.ndarray, brain_mask: np.ndarray) -> list[dict]:
              "subject_id": b"scan", "kind": b"unknown"} for k in range(images.shape[0])]
 
 
+@dataclasses.dataclass
+class ScanMaps:
+    """The maps of one scan, in the scan's own voxel space (shape and affine of its input).
+
+    Attributes:
+      anomaly: [X, Y, Z] float32 post-processed anomaly score (0 outside the brain and
+        outside the slices and crop box the model sees).
+      segmentation: [X, Y, Z] uint8 0/1, the anomaly map at `threshold`.
+      reconstruction: [X, Y, Z, C] float32 the method's healthy reconstruction in
+        normalised intensity (0..1 for most methods), or None for methods without one.
+      affine: [4, 4] voxel-to-world (mm) matrix of the input.
+      threshold: the segmentation threshold calibrated by the run's evaluation.
+      volume: the preprocessed input on the model grid (`PreprocessedVolume`, images
+        [D, H, W, M]); `grid` holds the maps there ('anomaly', 'segmentation' [D, H, W]).
+    """
+
+    anomaly: np.ndarray
+    segmentation: np.ndarray
+    reconstruction: np.ndarray | None
+    affine: np.ndarray
+    threshold: float
+    volume: preprocess.PreprocessedVolume
+    grid: dict
+
+
+def make_scan_scorer(config, models: dict):
+    """The batch scorer prediction uses for a run's networks: one device, the run's
+    evaluation seed (so a scan's maps do not depend on the machine)."""
+    return make_batch_scorer(get_method(config.method).score_fn, models, config,
+                             parallel.make_mesh(1), seed=config.eval.seed)
+
+
+def score_subject(subject: nifti.SubjectVolumes, *, config, scorer, calibration,
+                  with_reconstruction: bool = False) -> ScanMaps:
+    """Scores one loaded scan: preprocess onto the model grid, score every slice,
+    post-process, threshold, and carry the maps back to the scan's voxels."""
+    volume = preprocess.preprocess_subject(subject, config.data, subject_id="scan")
+    batches = pipeline.make_eval_batches(volume_records(volume.images, volume.brain_mask),
+                                         batch_size=config.eval.batch_size)
+    scored = score_volumes(scorer, batches, num_slices={"scan": volume.images.shape[0]},
+                           keep_reconstruction=with_reconstruction)["scan"]
+    pp = calibration["postprocess"]
+    score = postprocess.postprocess_scores(scored.score, volume.brain_mask,
+                                           erode_iterations=pp["erode_iterations"],
+                                           median_size=pp["median_size"])
+    segmentation = postprocess.binarize(score, calibration["threshold"],
+                                        min_component_size=pp["min_component_size"])
+    geometry = volume.geometry
+    reconstruction = None
+    if with_reconstruction and scored.reconstruction is not None:
+        reconstruction = np.stack(
+            [preprocess.to_native(scored.reconstruction[..., c], geometry, order=1)
+             for c in range(scored.reconstruction.shape[-1])], axis=-1).astype(np.float32)
+    return ScanMaps(
+        anomaly=preprocess.to_native(score.astype(np.float32), geometry, order=1),
+        segmentation=preprocess.to_native(segmentation.astype(np.uint8), geometry, order=0),
+        reconstruction=reconstruction, affine=np.asarray(geometry.original_affine),
+        threshold=float(calibration["threshold"]), volume=volume,
+        grid={"anomaly": score, "segmentation": segmentation})
+
+
 def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, calibration,
                  brain_mask: str | None = None) -> list[Path]:
     """Scores one scan and writes its maps next to `out_prefix`; returns the paths."""
@@ -100,29 +161,19 @@ def predict_scan(files: dict[str, Path], out_prefix: Path, *, config, scorer, ca
         subject_id=out_prefix.name, split="", kind="unknown", lesion_volume_ml=0.0,
         images={m: files[m] for m in config.data.modalities}, seg=None,
         brainmask=Path(brain_mask) if brain_mask else None)
-    volume = preprocess.preprocess_files(subject_files, config.data)
-    batches = pipeline.make_eval_batches(volume_records(volume.images, volume.brain_mask),
-                                         batch_size=config.eval.batch_size)
-    scored = score_volumes(scorer, batches, num_slices={"scan": volume.images.shape[0]})["scan"]
-    pp = calibration["postprocess"]
-    score = postprocess.postprocess_scores(scored.score, volume.brain_mask,
-                                           erode_iterations=pp["erode_iterations"],
-                                           median_size=pp["median_size"])
-    segmentation = postprocess.binarize(score, calibration["threshold"],
-                                        min_component_size=pp["min_component_size"])
+    subject = nifti.load_subject(subject_files, atol=config.data.affine_atol)
+    maps = score_subject(subject, config=config, scorer=scorer, calibration=calibration)
     anomaly_path, seg_path, png_path = output_paths(out_prefix)
     written, current = [], anomaly_path
     try:  # the three outputs of a scan appear together or not at all
-        preprocess.save_native_map(anomaly_path, score.astype(np.float32), volume.geometry,
-                                   order=1)
+        nifti.save_nifti_atomic(anomaly_path, maps.anomaly, maps.affine)
         written.append(anomaly_path)
         current = seg_path
-        preprocess.save_native_map(seg_path, segmentation.astype(np.uint8), volume.geometry,
-                                   order=0)
+        nifti.save_nifti_atomic(seg_path, maps.segmentation, maps.affine)
         written.append(seg_path)
         current = png_path
-        save_overview(png_path, volume.images[..., 0], score, segmentation,
-                      threshold=calibration["threshold"])
+        save_overview(png_path, maps.volume.images[..., 0], maps.grid["anomaly"],
+                      maps.grid["segmentation"], threshold=maps.threshold)
     except BaseException as err:
         for path in written:
             path.unlink(missing_ok=True)
@@ -180,8 +231,7 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
                                     f"modalities {list(config.data.modalities)} found")
     out = Path(output_dir)
     atomic.check_writable(out)
-    scorer = make_batch_scorer(get_method(config.method).score_fn, models, config,
-                               parallel.make_mesh(1), seed=config.eval.seed)
+    scorer = make_scan_scorer(config, models)
     report = PredictReport()
     for name, files in progress_bar(sorted(scans.items()), disable=not progress, desc="predict"):
         prefix = out / name
