@@ -327,7 +327,7 @@ def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
         tiny_run, tmp_path, monkeypatch):
     ids = _two_scans(tiny_run, tmp_path / "in")
     out = tmp_path / "out"
-    real_save = prediction.preprocess.save_native_map
+    real_save = prediction.nifti.save_nifti_atomic
     calls = []
 
     def full_after_three_files(path, *args, **kwargs):  # scan 1: 2 maps, scan 2: 1 map
@@ -336,12 +336,12 @@ def test_disk_full_during_predict_leaves_no_partial_output_and_rerun_completes(
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(prediction.preprocess, "save_native_map", full_after_three_files)
+    monkeypatch.setattr(prediction.nifti, "save_nifti_atomic", full_after_three_files)
     with pytest.raises(prediction.OutputError, match=r"No space left on device. 1 of 2 scans"):
         prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out), progress=False)
     assert sorted(os.listdir(out)) == sorted(f"{ids[0]}{s}" for s in (
         "_anomaly.nii.gz", "_segmentation.nii.gz", "_overview.png"))
-    monkeypatch.setattr(prediction.preprocess, "save_native_map", real_save)
+    monkeypatch.setattr(prediction.nifti, "save_nifti_atomic", real_save)
     report = prediction.predict_paths(tiny_run.workdir, str(tmp_path / "in"), str(out),
                                    progress=False)
     assert report.skipped == [ids[0]] and len(report.written) == 3 and report.ok

@@ -139,7 +139,9 @@ def test_to_native_with_resampling_restores_shape_and_affine(dataset, tmp_path):
     assert g.spacing_after == (3.0, 3.0, 3.0)
     assert g.resampled_shape == preprocess.resampled_shape(g.canonical_shape,
                                                            g.spacing_before, (3, 3, 3))
-    path = preprocess.save_native_map(tmp_path / "map.nii.gz", vol.images[..., 1], g)
+    path = nifti.save_nifti_atomic(tmp_path / "map.nii.gz",
+                                   preprocess.to_native(vol.images[..., 1], g),
+                                   np.asarray(g.original_affine))
     img = nib.load(str(path))
     original = nib.load(str(files.images["t2"]))
     assert img.shape == original.shape

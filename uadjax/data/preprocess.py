@@ -612,21 +612,3 @@ def to_native(volume_map: np.ndarray, geometry: VolumeGeometry, order: int = 1) 
         raise ValueError(f"internal error: native shape {native.shape} != "
                          f"{tuple(geometry.original_shape)}")
     return np.ascontiguousarray(native)
-
-
-def save_native_map(path, volume_map: np.ndarray, geometry, *, order: int = 1):
-    """`to_native` then an atomic NIfTI write with the input's original affine.
-
-    Args:
-      path: destination `.nii.gz`.
-      volume_map: [D, H, W] map on the preprocessed grid.
-      geometry: `VolumeGeometry` or its dict form.
-      order: 1 for scores, 0 for labels.
-
-    Returns:
-      The path written.
-    """
-    if isinstance(geometry, dict):
-        geometry = VolumeGeometry.from_dict(geometry)
-    native = to_native(volume_map, geometry, order=order)
-    return nifti.save_nifti_atomic(path, native, np.asarray(geometry.original_affine))
