@@ -43,6 +43,9 @@ _SLICE_STEP = flags.DEFINE_integer("slice_step", 2, "Every n-th brain slice of a
 _T_STARTS = flags.DEFINE_list("t_starts", ["149", "299", "499"], "Oracle-mask t_s values.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Slices per call.")
 _JSON = flags.DEFINE_string("json", "", "Also write the figures to this file.")
+_KL_TIMESTEPS = flags.DEFINE_list(
+    "kl_timesteps", [], "Check (a) only, at these KL timesteps instead of the run's (the "
+    "recall then uses the run's calibrated threshold, which belongs to its own timesteps).")
 
 
 def cell_fraction(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -145,6 +148,8 @@ def main(argv):
     result: dict = {"workdir": _WORKDIR.value, "kl_threshold": threshold}
 
     # (a)
+    if _KL_TIMESTEPS.value:
+        config.ldm.kl_timesteps = tuple(int(t) for t in _KL_TIMESTEPS.value)
     result["a_kl"] = kl_figures(per_timestep_kl(model, lesions, config, _BATCH.value),
                                 lesions, factor, threshold)
     order = [f"t{int(t)}" for t in config.ldm.kl_timesteps] + ["mean"]
@@ -153,6 +158,9 @@ def main(argv):
     print(f"    recall at the threshold {result['a_kl']['mean']['recall_at_threshold']:.3f}, "
           f"healthy cells flagged {result['a_kl']['mean']['healthy_cells_flagged']:.3f}",
           flush=True)
+    if _KL_TIMESTEPS.value:
+        _write(result)
+        return
 
     # (b)
     intensity = np.mean(lesions["image"], axis=-1)
@@ -192,6 +200,10 @@ def main(argv):
             f"{100 * r['lesions'][k]['auprc']:.1f} | {100 * r['lesions'][k]['dice']:.1f}"
             for k in kinds) + f" | healthy: mean score {r['healthy']['mean_score']:.4f}, "
             f"{100 * r['healthy']['share_above_threshold']:.2f} % of brain above threshold |")
+    _write(result)
+
+
+def _write(result: dict) -> None:
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
