@@ -98,7 +98,7 @@ class Run:
         Args:
           batch: 'image' [B, H, W, M] in the model's normalised range (as the shards hold
             them), optional 'brain_mask' [B, H, W] (default: everywhere).
-          overrides: test-time config settings, dotted keys (e.g. {'ddpm.test_timesteps':
+          overrides: test-time config settings, dotted keys (e.g. {'diffusion.test_timesteps':
             (250,), 'eval.batch_size': 8}); each distinct set compiles once. The sections
             that define the networks and data (`FIXED_SECTIONS`) cannot be overridden.
           batch_index: folded into the run's evaluation key (the i-th batch of an
@@ -215,12 +215,10 @@ def load_run(workdir: str) -> Run:
 
     Raises:
       FileNotFoundError: not a run folder, or not evaluated yet (no calibration).
+      RuntimeError: evaluated without lesion-validation volumes (no threshold).
       CheckpointError: a stage's checkpoints cannot be restored.
     """
     config, models, calibration = runs.load_run(workdir)
-    if "threshold" not in calibration:
-        raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
-                           "segmentation threshold was calibrated")
     return Run(workdir=str(workdir), config=config, models=models, calibration=calibration)
 
 

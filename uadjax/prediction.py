@@ -222,9 +222,6 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
     """Runs `predict_scan` on one file or every scan of a folder."""
 
     config, models, calibration = runs.load_run(workdir)
-    if "threshold" not in calibration:
-        raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
-                           "segmentation threshold was calibrated")
     scans = find_scans(input_path, tuple(config.data.modalities))
     if not scans:
         raise DataError(input_path, f"no NIfTI scans ({' or '.join(NIFTI_SUFFIXES)}) of the "

@@ -171,13 +171,18 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str):
-    """(config, models, calibration) of a trained and evaluated run directory."""
+    """(config, models, calibration) of a trained and evaluated run directory; the
+    calibration holds the segmentation threshold (RuntimeError when evaluation had no
+    lesion-validation volumes to select one on)."""
     config = run_config(workdir)
     calibration_path = Path(workdir) / "eval" / "calibration.json"
     if not calibration_path.is_file():
         raise FileNotFoundError(f"{calibration_path}: run `evaluate` first; it calibrates "
                                 "the segmentation threshold on the lesion-validation set")
     calibration = json.loads(calibration_path.read_text())
+    if "threshold" not in calibration:
+        raise RuntimeError(f"{workdir}: evaluation found no lesion-validation volumes, so no "
+                           "segmentation threshold was calibrated")
     return config, load_models(config, workdir), calibration
 
 

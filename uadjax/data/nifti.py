@@ -262,10 +262,15 @@ def load_nifti(path, *, dtype=np.float32) -> Volume:
         raise DataError(path, f"unreadable or truncated NIfTI file ({type(err).__name__}: "
                               f"{err})") from None
     data = data.reshape(shape).astype(dtype, copy=False)
+    check_finite(path, data)
+    return Volume(path=path, data=data, affine=affine, header=img.header)
+
+
+def check_finite(path, data: np.ndarray) -> None:
+    """Raises `DataError` naming `path` when a float volume holds NaN or Inf voxels."""
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise DataError(path, f"{bad} NaN/Inf voxels")
-    return Volume(path=path, data=data, affine=affine, header=img.header)
 
 
 def check_label_values(path, data: np.ndarray) -> None:
@@ -326,8 +331,7 @@ def array_volume(name: str, data, affine, *, label: bool = False) -> Volume:
     data = np.asarray(data)
     shape = check_shape(path, data.shape)
     data = data.reshape(shape).astype(np.float32, copy=False)
-    if not np.all(np.isfinite(data)):
-        raise DataError(path, f"{int(np.count_nonzero(~np.isfinite(data)))} NaN/Inf voxels")
+    check_finite(path, data)
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(
             np.linalg.det(affine[:3, :3])) < 1e-9:
