@@ -12,8 +12,9 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from uadjax import protocol
 from uadjax.data import schema
+from uadjax.data.pipeline import make_eval_batches
 from uadjax.inference import postprocess
-from uadjax.inference.scoring import ScoredVolume, score_volumes
+from uadjax.inference.scoring import RecordRange, ScoredVolume, score_volume, volume_key
 from uadjax.inference.sweep import sweep, weighted_mean
 
 
@@ -104,35 +105,43 @@ def test_postprocessing_switches_are_applied():
     np.testing.assert_array_equal(processed, expected)
 
 
-def test_score_volumes_reassembles_like_a_loop():
+def test_score_volume_reassembles_its_records_like_a_loop():
     rng = np.random.default_rng(3)
     depth = {"a": 5, "b": 3}
-    records = [(sid, k) for sid in ("a", "b") for k in range(depth[sid])]
-    images = {r: rng.random((4, 4, 1)).astype(np.float32) for r in records}
-    batch_size = 3
-    batches = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        batches.append({
-            "image": np.stack([images[r] for r in chunk] + [np.zeros((4, 4, 1))] * pad),
-            "brain_mask": np.ones((batch_size, 4, 4), np.uint8),
-            "seg": np.zeros((batch_size, 4, 4), np.uint8),
-            "subject_id": np.array([r[0].encode() for r in chunk] + [b""] * pad),
-            "kind": np.array([b"healthy"] * batch_size),
-            "slice_index": np.array([r[1] for r in chunk] + [-1] * pad, np.int32),
-            "valid": np.arange(batch_size) < len(chunk),
-        })
+    records = [{"image": rng.random((4, 4, 1)).astype(np.float32),
+                "brain_mask": np.ones((4, 4), np.uint8), "seg": np.zeros((4, 4), np.uint8),
+                "subject_id": sid.encode(), "kind": b"healthy", "slice_index": k}
+               for sid in ("a", "b") for k in range(depth[sid])]
+    calls = []
 
-    def scorer(batch, i):
+    def scorer(batch, i, subject_id):
+        calls.append((i, subject_id))
         return {"score": batch["image"][..., 0] * 2.0}
 
-    volumes = score_volumes(scorer, batches, num_slices=depth)
-    for sid, num in depth.items():
-        expected = np.stack([images[(sid, k)][..., 0] * 2.0 for k in range(num)])
-        np.testing.assert_array_equal(volumes[sid].score, expected)
+    # b's records are 5..7 of the split; batches of 2: the second one padded.
+    batches = make_eval_batches(RecordRange(records, 5, 3), batch_size=2)
+    volume = score_volume(scorer, batches, subject_id="b", num_slices=3)
+    expected = np.stack([records[5 + k]["image"][..., 0] * 2.0 for k in range(3)])
+    np.testing.assert_array_equal(volume.score, expected)
+    assert volume.kind == "healthy" and volume.score.shape == (3, 4, 4)
+    assert calls == [(0, "b"), (1, "b")]  # the volume's own batch numbers and key
     with pytest.raises(RuntimeError, match="missing"):
-        score_volumes(scorer, batches[:1], num_slices=depth)
+        score_volume(scorer, make_eval_batches(RecordRange(records, 5, 2), batch_size=2),
+                     subject_id="b", num_slices=3)
+    with pytest.raises(RuntimeError, match="hold a slice of a"):
+        score_volume(scorer, make_eval_batches(RecordRange(records, 4, 3), batch_size=2),
+                     subject_id="b", num_slices=3)
+    with pytest.raises(IndexError, match="outside a split of 8"):
+        RecordRange(records, 6, 3)
+
+
+def test_volume_key_depends_on_the_seed_and_the_subject_only():
+    base = jax.random.key(0)
+    a = jax.random.key_data(volume_key(base, "sub-0001"))
+    assert np.array_equal(a, jax.random.key_data(volume_key(jax.random.key(0), "sub-0001")))
+    assert not np.array_equal(a, jax.random.key_data(volume_key(base, "sub-0002")))
+    assert not np.array_equal(a, jax.random.key_data(volume_key(jax.random.key(1),
+                                                                "sub-0001")))
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

@@ -1,19 +1,27 @@
-"""Multi-host data parallelism with jax.distributed: two CPU processes on this machine.
+"""Multi-host runs with jax.distributed: two CPU processes on this machine.
 
-Two processes (one CPU device each, localhost coordinator, gloo collectives) train a tiny
-config for 2 steps, stop, and resume to 4 from their checkpoint; a single process with two
-devices trains 4 steps straight. Each process reads only its rows of every global batch
+Training: two processes (one CPU device each, localhost coordinator, gloo collectives) train
+a tiny config for 2 steps, stop, and resume to 4 from their checkpoint; a single process
+trains 4 steps straight. Each process reads only its rows of every global batch
 (tests/test_pipeline.py checks that the parts form the single-process batch), so the
-parameters at the end must agree. The same command line runs on a TPU pod slice or a GPU
-cluster with the coordinator's address (launch.sh).
+parameters at the end must agree.
+
+Evaluation and prediction: each process scores its share of the volumes (scans); the
+results must equal one process's, every scan is written by one process, and a run stopped
+mid-way leaves no result and is completed by the rerun. The same command lines run on a TPU
+pod slice or a GPU cluster with the coordinator's address (launch.sh).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -47,14 +55,23 @@ def _env(**extra):
     return env
 
 
-def _run_processes(tiny_data, workdir, steps, num_processes):
+def _start(args, num_processes):
+    """`num_processes` processes of one jax.distributed job (one CPU device each)."""
     port = _free_port()
-    procs = [subprocess.Popen(
-        _train_args(tiny_data, workdir, steps), cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-        env=_env(JAX_NUM_CPU_DEVICES=1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                 JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i))
+    distributed = {} if num_processes == 1 else {
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": num_processes}
+    return [subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(JAX_NUM_CPU_DEVICES=1, **distributed,
+                 **({"JAX_PROCESS_ID": i} if distributed else {})))
         for i in range(num_processes)]
+
+
+def _run_processes(tiny_data, workdir, steps, num_processes):
+    return _wait(_start(_train_args(tiny_data, workdir, steps), num_processes))
+
+
+def _wait(procs):
     outputs = []
     try:
         for proc in procs:
@@ -127,3 +144,101 @@ def test_two_processes_train_stop_resume_like_one(tiny_data, tmp_path):
     # initialised outputs: the update is lr * sign(g)); everywhere else it stays tiny.
     assert diff.max() < 1e-3, diff.max()
     assert np.mean(diff < 1e-5) > 0.99, np.mean(diff < 1e-5)
+
+
+def _evaluate_args(tiny_data, workdir):
+    return [sys.executable, "-m", "uadjax.main", "evaluate", "--config=configs/ddpm.py:tiny",
+            f"--workdir={workdir}", f"--config.data.phantom_dir={tiny_data.phantom_dir}",
+            f"--config.data.data_dir={tiny_data.data_dir}"]
+
+
+def _trained_copy(tiny_run, folder):
+    """The tiny run's trained checkpoints, without its evaluation."""
+    shutil.copytree(tiny_run.workdir, folder, ignore=shutil.ignore_patterns("eval"))
+    return folder
+
+
+def _results_without_timing(eval_dir):
+    data = json.loads((eval_dir / "results.json").read_text())
+    data.pop("timing")
+    return data
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one_and_a_stopped_run_resumes(tiny_data, tiny_run,
+                                                                     tmp_path):
+    single = _trained_copy(tiny_run, tmp_path / "single")
+    _wait(_start(_evaluate_args(tiny_data, single), 1))
+
+    # Two processes; process 1 is frozen (a lost host) once the evaluation has begun, so
+    # process 0 scores its share and waits at the barrier: then both are killed.
+    multi = _trained_copy(tiny_run, tmp_path / "multi")
+    store = multi / "eval" / ".scored-volumes"
+    procs = _start(_evaluate_args(tiny_data, multi), 2)
+    try:
+        deadline = time.monotonic() + 240
+        while not (store / "identity.json").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                "the evaluation did not start"
+            time.sleep(0.01)
+        procs[1].send_signal(signal.SIGSTOP)
+        from uadjax import jobs
+        from uadjax.evaluation import EVAL_SPLITS, split_subjects
+
+        index = jobs.ensure_shards(tiny_run, progress=False)
+        present = [s for s in EVAL_SPLITS if any(e["split"] == s for e in index["subjects"])]
+        entries = split_subjects(index, present)
+        share_0 = [store / e["split"] / f"{e['id']}.npz" for e in entries[0::2]]
+        while not all(p.exists() for p in share_0):
+            assert time.monotonic() < deadline, "process 0 did not score its share"
+            time.sleep(0.05)
+        time.sleep(1.0)  # it is now blocked at the barrier; nothing more is written
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert not (multi / "eval" / "results.json").exists()  # nothing looks complete
+    kept = len(list(store.glob("*/*.npz")))
+    assert len(share_0) <= kept < len(entries)
+
+    outputs = _wait(_start(_evaluate_args(tiny_data, multi), 2))
+    assert f"resuming an interrupted evaluation: {kept} volume(s) already scored" in outputs[0]
+    assert not store.exists()  # removed once the outputs are written
+    assert _results_without_timing(multi / "eval") == _results_without_timing(single / "eval")
+    assert (multi / "eval" / "subjects.csv").read_bytes() == \
+        (single / "eval" / "subjects.csv").read_bytes()
+    timing = json.loads((multi / "eval" / "results.json").read_text())["timing"]
+    assert timing["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_predict_each_scan_once(tiny_run, tmp_path):
+    import nibabel as nib
+
+    from uadjax import jobs
+
+    root = jobs.dataset_dir(tiny_run)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    subjects = sorted(p.name for p in root.iterdir() if p.is_dir())[:3]
+    for sid in subjects:
+        nib.save(nib.load(str(root / sid / f"{sid}_t2.nii.gz")), str(inputs / f"{sid}.nii.gz"))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "uadjax.main", "predict", f"--workdir={tiny_run.workdir}",
+            f"--input={inputs}", f"--output={out}"]
+    outputs = _wait(_start(args, 2))
+    assert "predict: 3 scan(s) written, 0 skipped (outputs exist), 0 failed" in outputs[0]
+    assert "predict: 1 scan(s) written" in outputs[1]  # its share: the second scan
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{sid}{suffix}" for sid in subjects
+                             for suffix in ("_anomaly.nii.gz", "_segmentation.nii.gz",
+                                            "_overview.png"))  # no report left behind
+    # The maps equal a single process's.
+    single = tmp_path / "single"
+    _wait(_start([*args[:-1], f"--output={single}"], 1))
+    for sid in subjects:
+        a = nib.load(str(out / f"{sid}_anomaly.nii.gz")).get_fdata()
+        b = nib.load(str(single / f"{sid}_anomaly.nii.gz")).get_fdata()
+        np.testing.assert_array_equal(a, b)
+    rerun = _wait(_start(args, 2))
+    assert "predict: 0 scan(s) written, 3 skipped" in rerun[0]

@@ -93,7 +93,8 @@ class Run:
 
     def score_slices(self, batch: dict, *, overrides: dict | None = None,
                      batch_index: int = 0) -> dict:
-        """The jitted batch scorer, sharded over every local device, on preprocessed slices.
+        """The jitted batch scorer, sharded over this process's devices, on preprocessed
+        slices.
 
         Args:
           batch: 'image' [B, H, W, M] in the model's normalised range (as the shards hold
@@ -110,7 +111,7 @@ class Run:
         image = np.asarray(batch["image"], np.float32)
         n = image.shape[0]
         mask = np.asarray(batch.get("brain_mask", np.ones(image.shape[:3], np.uint8)))
-        devices = parallel.make_mesh().size
+        devices = parallel.local_mesh().size
         pad = -n % devices
         host = {"image": np.pad(image, [(0, pad)] + [(0, 0)] * 3),
                 "brain_mask": np.pad(mask.astype(np.uint8), [(0, pad), (0, 0), (0, 0)]),
@@ -125,7 +126,7 @@ class Run:
             config = with_overrides(self.config, dict(overrides))
             if sharded:
                 self._scorers[cache_key] = make_batch_scorer(
-                    self.method.score_fn, self.models, config, parallel.make_mesh(),
+                    self.method.score_fn, self.models, config, parallel.local_mesh(),
                     seed=config.eval.seed)
             else:
                 self._scorers[cache_key] = predict_lib.make_scan_scorer(config, self.models)

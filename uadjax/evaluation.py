@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import time
 
+import jax
 import numpy as np
 
 from uadjax import atomic, metrics, parallel, protocol, report, results, runs
 from uadjax.data import builder, pipeline, schema
-from uadjax.inference.scoring import make_batch_scorer, score_volumes
+from uadjax.inference.scoring import RecordRange, make_batch_scorer, score_volume
+from uadjax.inference.volume_store import VolumeStore, identity_of
 from uadjax.methods import get_method, threshold
+from uadjax.progress import progress_bar
 
 
 def write_subjects_csv(path: str, rows_by_method: dict[str, list[dict]]) -> None:
@@ -43,30 +47,65 @@ def timed(fn, *args, **kwargs):
 EVAL_SPLITS = (schema.VAL_LESION, schema.TEST_LESION, schema.VAL_HEALTHY, schema.TEST_HEALTHY)
 
 
-def score_splits(config, models, score_fn, *, progress: bool = True, splits=EVAL_SPLITS):
-    """-> (split -> subject -> ScoredVolume for every prepared evaluation split, volumes
-    index, seconds spent compiling the scorer on its first batch)."""
+def split_subjects(index: dict, splits) -> list[dict]:
+    """The volumes-index entries of the prepared evaluation splits, split by split, each in
+    its records' order."""
+    return [e for split in splits
+            for e in sorted((e for e in index["subjects"] if e["split"] == split),
+                            key=lambda e: e["offset"])]
 
+
+def score_splits(config, models, score_fn, store: VolumeStore, *, progress: bool = True,
+                 splits=EVAL_SPLITS):
+    """Scores this process's share of the evaluation volumes into `store`; process 0 then
+    reads every process's volumes back.
+
+    Returns:
+      (split -> subject -> ScoredVolume on process 0, None on the others; the volumes index;
+      timing of this process: {'compile_seconds', 'score_seconds', 'volumes_scored',
+      'slices_scored'}). Volumes already in the store (an interrupted evaluation) are not
+      scored again and not counted.
+    """
     index = builder.load_volumes_index(config.data.data_dir, config.data)
-    num_slices = {e["id"]: e["num_slices"] for e in index["subjects"]}
-    mesh = parallel.make_mesh()
-    scorer = make_batch_scorer(score_fn, models, config, mesh, seed=config.eval.seed)
-    out = {}
-    compile_seconds = None
+    present = []
+    sources = {}
     for split in splits:
         try:
-            source = builder.load_split(config.data.data_dir, config.data, split)
+            sources[split] = builder.load_split(config.data.data_dir, config.data, split)
         except KeyError:
             continue
-        if compile_seconds is None:  # compile on one batch, timed apart from scoring
-            start = time.perf_counter()
-            first = pipeline.make_eval_batches(source, batch_size=config.eval.batch_size)
-            scorer(next(iter(first)), 0)
-            compile_seconds = time.perf_counter() - start
-        batches = pipeline.make_eval_batches(source, batch_size=config.eval.batch_size)
-        out[split] = score_volumes(scorer, batches, num_slices=num_slices, progress=progress,
-                                   desc=f"score/{split}")
-    return out, index, compile_seconds or 0.0
+        present.append(split)
+    entries = split_subjects(index, present)
+    todo = [e for e in parallel.share(entries) if not store.has(e["split"], e["id"])]
+    scorer = make_batch_scorer(score_fn, models, config, parallel.local_mesh(),
+                               seed=config.eval.seed)
+    timing = {"compile_seconds": 0.0, "score_seconds": 0.0, "volumes_scored": 0,
+              "slices_scored": 0}
+
+    def batches(entry):
+        return pipeline.make_eval_batches(
+            RecordRange(sources[entry["split"]], entry["offset"], entry["num_records"]),
+            batch_size=config.eval.batch_size)
+
+    if todo:  # compile on one batch, timed apart from scoring
+        start = time.perf_counter()
+        scorer(next(iter(batches(todo[0]))), 0, todo[0]["id"])
+        timing["compile_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for entry in progress_bar(todo, disable=not progress, desc="score", leave=False):
+        volume = score_volume(scorer, batches(entry), subject_id=entry["id"],
+                              num_slices=entry["num_slices"])
+        store.save(entry["split"], volume)
+        timing["volumes_scored"] += 1
+        timing["slices_scored"] += entry["num_slices"]
+    timing["score_seconds"] = time.perf_counter() - start
+    parallel.sync("uadjax: evaluation volumes scored")
+    if jax.process_index() != 0:
+        return None, index, timing
+    volumes: dict = {split: {} for split in present}
+    for entry in entries:
+        volumes[entry["split"]][entry["id"]] = store.load(entry["split"], entry["id"])
+    return volumes, index, timing
 
 
 def baseline_volumes(split_volumes):
@@ -91,10 +130,30 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
     method = get_method(config.method)
     models, checkpoint_steps = runs.load_models_and_steps(config, workdir)
     atomic.check_writable(out_dir)  # fail now, not after scoring
-    (split_volumes, index, compile_seconds), total_seconds = timed(
-        score_splits, config, models, method.score_fn, progress=progress,
+    store = VolumeStore(out_dir, identity_of(config, checkpoint_steps))
+    if jax.process_index() == 0:
+        kept = store.prepare()
+        if kept:
+            print(f"resuming an interrupted evaluation: {kept} volume(s) already scored")
+    parallel.sync("uadjax: evaluation store ready")
+    split_volumes, index, scoring = score_splits(
+        config, models, method.score_fn, store, progress=progress,
         splits=tuple(config.eval.get("splits", EVAL_SPLITS)))
-    score_seconds = total_seconds - compile_seconds
+    if split_volumes is not None:  # process 0: the protocol and the outputs
+        summary = _evaluate_and_write(config, split_volumes, index, scoring,
+                                      checkpoint_steps, out_dir)
+        store.remove()
+    parallel.sync("uadjax: evaluation written")
+    if jax.process_index() != 0:
+        with open(os.path.join(out_dir, results.RESULTS_FILE), encoding="utf-8") as fh:
+            summary = json.load(fh)
+    return summary
+
+
+def _evaluate_and_write(config, split_volumes, index, scoring, checkpoint_steps,
+                        out_dir) -> dict:
+    """The protocol on every scored volume; writes the outputs; returns the summary."""
+    score_seconds, compile_seconds = scoring["score_seconds"], scoring["compile_seconds"]
     spacing = {}  # volumes are [D, H, W] = canonical (z, x, y)
     for entry in index["subjects"]:
         sx, sy, sz = (float(s) for s in entry["geometry"]["spacing_after"])
@@ -109,8 +168,7 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
                                                 spacing=spacing, scores=processed[name])
         all_results[name], rows[name] = res, name_rows
     calibration = protocol.calibrate(split_volumes, config.eval, processed[config.method])
-    num_slices = sum(v.score.shape[0] for vols in split_volumes.values() for v in vols.values())
-    num_volumes = sum(len(vols) for vols in split_volumes.values())
+    num_slices, num_volumes = scoring["slices_scored"], scoring["volumes_scored"]
     curves = protocol.pr_curves(split_volumes, processed[config.method])
     for kind, curve in curves.items():
         all_results[config.method]["kinds"].setdefault(kind, {})["pr_curve"] = curve
@@ -120,8 +178,10 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
         "reconstruction": protocol.reconstruction_summary(split_volumes),
         "spacing_mm": sorted(set(spacing.values())), "results": all_results,
         "calibration": calibration,
+        # Timing of process 0's share, scored in this call (a resumed evaluation does not
+        # count the volumes scored before it).
         "timing": {"score_seconds": score_seconds, "compile_seconds": compile_seconds,
-                   "slices_scored": num_slices,
+                   "processes": jax.process_count(), "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
                    "volumes_scored": num_volumes,
                    # wall time of scoring per volume, data loading included (compilation not)

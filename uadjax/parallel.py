@@ -50,6 +50,29 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
                          devices=devices[:n])
 
 
+def local_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over this process's devices (or the first `num_devices`):
+    for work each process does on its own share, e.g. scoring its volumes."""
+    devices = jax.local_devices()
+    n = len(devices) if num_devices is None else num_devices
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:n])
+
+
+def share(items: list) -> list:
+    """This process's share of `items`: every process_count-th one, from its index (a
+    disjoint round-robin split; with one process, all of them)."""
+    return list(items)[jax.process_index()::jax.process_count()]
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -7,7 +7,9 @@ For each input scan `<name>.nii(.gz)` it writes, atomically,
 with exactly the input's shape and affine. Inputs of any voxel size and orientation are
 brought to the training grid (reorient, resample, crop/pad, normalise) with the run's own
 preprocessing config, and the maps are carried back. Existing outputs are skipped, so a
-batch can be resumed; a failing file is reported and the others go on.
+batch can be resumed; a failing file is reported and the others go on. With several
+processes (jax.distributed) the scans are shared out: each is written by one process, and
+process 0's report counts every host's scans.
 
 Multi-modality models take a folder of `<subject>_<modality>.nii.gz` files.
 """
@@ -15,15 +17,17 @@ Multi-modality models take a folder of `<subject>_<modality>.nii.gz` files.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from uadjax import atomic, parallel, runs
 from uadjax.data import nifti, pipeline, preprocess
 from uadjax.data.schema import DataError
 from uadjax.inference import postprocess
-from uadjax.inference.scoring import make_batch_scorer, score_volumes
+from uadjax.inference.scoring import make_batch_scorer, score_volume
 from uadjax.methods import get_method
 from uadjax.progress import progress_bar
 
@@ -118,10 +122,10 @@ class ScanMaps:
 
 
 def make_scan_scorer(config, models: dict):
-    """The batch scorer prediction uses for a run's networks: one device, the run's
-    evaluation seed (so a scan's maps do not depend on the machine)."""
+    """The batch scorer prediction uses for a run's networks: one device of this process,
+    the run's evaluation seed (so a scan's maps do not depend on the machine)."""
     return make_batch_scorer(get_method(config.method).score_fn, models, config,
-                             parallel.make_mesh(1), seed=config.eval.seed)
+                             parallel.local_mesh(1), seed=config.eval.seed)
 
 
 def score_subject(subject: nifti.SubjectVolumes, *, config, scorer, calibration,
@@ -131,8 +135,9 @@ def score_subject(subject: nifti.SubjectVolumes, *, config, scorer, calibration,
     volume = preprocess.preprocess_subject(subject, config.data, subject_id="scan")
     batches = pipeline.make_eval_batches(volume_records(volume.images, volume.brain_mask),
                                          batch_size=config.eval.batch_size)
-    scored = score_volumes(scorer, batches, num_slices={"scan": volume.images.shape[0]},
-                           keep_reconstruction=with_reconstruction)["scan"]
+    scored = score_volume(scorer, batches, subject_id="scan",
+                          num_slices=volume.images.shape[0],
+                          keep_reconstruction=with_reconstruction)
     pp = calibration["postprocess"]
     score = postprocess.postprocess_scores(scored.score, volume.brain_mask,
                                            erode_iterations=pp["erode_iterations"],
@@ -230,7 +235,10 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
     atomic.check_writable(out)
     scorer = make_scan_scorer(config, models)
     report = PredictReport()
-    for name, files in progress_bar(sorted(scans.items()), disable=not progress, desc="predict"):
+    # With several processes each takes every process_count-th scan: each scan's outputs
+    # are written by exactly one of them.
+    mine = parallel.share(sorted(scans.items()))
+    for name, files in progress_bar(mine, disable=not progress, desc="predict"):
         prefix = out / name
         targets = output_paths(prefix)
         if not overwrite and all(t.exists() for t in targets):
@@ -249,7 +257,30 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
             report.failures.append((str(next(iter(files.values()))), str(err)))
         except (DataError, ValueError) as err:
             report.failures.append((str(next(iter(files.values()))), str(err)))
-    return report
+    return gather_reports(report, out) if jax.process_count() > 1 else report
+
+
+REPORT_FILE = ".predict-report-{}.json"
+
+
+def gather_reports(report: PredictReport, out: Path) -> PredictReport:
+    """Several processes: each writes its report to the output folder; process 0 returns
+    them merged (every host's scans), the others their own."""
+    atomic.write_json(out / REPORT_FILE.format(jax.process_index()),
+                      {"written": [str(p) for p in report.written], "skipped": report.skipped,
+                       "failures": [list(f) for f in report.failures]})
+    parallel.sync("uadjax: predict reports written")
+    if jax.process_index() != 0:
+        return report
+    merged = PredictReport()
+    for p in range(jax.process_count()):
+        path = out / REPORT_FILE.format(p)
+        part = json.loads(path.read_text(encoding="utf-8"))
+        merged.written.extend(Path(w) for w in part["written"])
+        merged.skipped.extend(part["skipped"])
+        merged.failures.extend(tuple(f) for f in part["failures"])
+        path.unlink()
+    return merged
 
 
 class OutputError(OSError):

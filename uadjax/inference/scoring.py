@@ -1,21 +1,23 @@
 """Runs a method's score function over every slice of every evaluation volume.
 
-Batches come from the ordered evaluation pipeline (every slice once, padded tail marked by
-`valid`), are scored by one jitted, sharded call each, and are reassembled into volumes
-[D, H, W] keyed by subject. Evaluation and prediction both use this, so neither knows which
-method produced a score map.
+Each volume is scored on its own: its slices come from the ordered evaluation pipeline
+(every slice once, padded tail marked by `valid`), each batch is one jitted call sharded over
+this process's devices with a key of the volume's own, and the slices are reassembled into
+[D, H, W]. Evaluation and prediction both use this, so neither knows which method produced a
+score map, and a volume's scores are the same whichever host scores it, next to whichever
+other volumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 
 from uadjax import parallel
-from uadjax.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -40,15 +42,21 @@ class ScoredVolume:
     reconstruction: np.ndarray | None = None
 
 
-def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: int):
-    """-> scorer(host_batch, batch_number) -> dict of host arrays [B, ...].
+def volume_key(base_key, subject_id: str):
+    """The key of one volume: fold_in(base_key, CRC-32 of its id). A volume's noise depends
+    on nothing but the seed and its id: not on the other volumes of the split, the batch
+    it would share with them, or which host scores it."""
+    return jax.random.fold_in(base_key, zlib.crc32(subject_id.encode()) & 0x7FFFFFFF)
 
-    The key of batch i is fold_in(key(seed), i), so scores are reproducible.
+
+def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: int):
+    """-> scorer(host_batch, batch_number, subject_id=None) -> dict of host arrays [B, ...].
+
+    `mesh` holds this process's devices (`parallel.local_mesh()`): with several processes
+    each one scores its own volumes. The key of batch i is fold_in(key(seed), i), or
+    fold_in(volume_key(key(seed), subject_id), i) for the i-th batch of a volume, so
+    scores are reproducible.
     """
-    if jax.process_count() > 1:
-        raise RuntimeError(
-            "scoring gathers every row on one host: run evaluate and predict as a single "
-            "process (training is the multi-host part)")
     base_key = jax.random.key(seed)
 
     # The networks are closed over, so their weights are compiled in as constants: fine for
@@ -57,57 +65,76 @@ def make_batch_scorer(score_fn: Callable, models: dict, config, mesh, *, seed: i
     def scored(batch, key):
         return score_fn(models, batch, key, config)
 
-    def scorer(host_batch: dict, index: int) -> dict:
+    def scorer(host_batch: dict, index: int, subject_id: str | None = None) -> dict:
         batch = parallel.to_global(host_batch, mesh)
-        out = scored(batch, jax.random.fold_in(base_key, index))
+        key = base_key if subject_id is None else volume_key(base_key, subject_id)
+        out = scored(batch, jax.random.fold_in(key, index))
         return jax.device_get(out)
 
     return scorer
 
 
-def score_volumes(scorer, batches: Iterable[dict], *, num_slices: dict[str, int],
-                  keep_reconstruction: bool = True, progress: bool = False,
-                  desc: str = "score") -> dict[str, ScoredVolume]:
-    """Scores ordered evaluation batches and reassembles whole volumes.
+class RecordRange:
+    """Records start .. start + length - 1 of a random-access source (one volume's slices
+    of an evaluation split, from the volumes index's `offset` and `num_records`)."""
+
+    def __init__(self, source, start: int, length: int):
+        if start < 0 or start + length > len(source):
+            raise IndexError(f"records {start}..{start + length - 1} outside a split of "
+                             f"{len(source)}")
+        self.source, self.start, self.length = source, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.source[self.start + i]
+
+
+def score_volume(scorer, batches: Iterable[dict], *, subject_id: str, num_slices: int,
+                 keep_reconstruction: bool = True) -> ScoredVolume:
+    """Scores the ordered batches of one volume (batch i gets the volume's i-th key) and
+    reassembles it.
 
     Args:
       scorer: from `make_batch_scorer`.
-      batches: host batches with keys image, brain_mask, seg, subject_id, slice_index, kind,
-        valid.
-      num_slices: subject id -> number of slices D of its preprocessed volume.
+      batches: host batches of this volume's slices only, with keys image, brain_mask, seg,
+        subject_id, slice_index, kind, valid (`pipeline.make_eval_batches`).
+      num_slices: its number of slices D.
     Returns:
-      subject id -> ScoredVolume. Raises if a volume misses a slice or gets one twice.
+      The ScoredVolume. Raises if a slice is missing, delivered twice, or belongs to
+      another subject.
     """
-    parts: dict[str, dict] = {}
-    for i, batch in enumerate(progress_bar(batches, disable=not progress, desc=desc, leave=False)):
-        out = scorer(batch, i)
+    slices: dict[int, tuple] = {}
+    kind = None
+    for i, batch in enumerate(batches):
+        out = scorer(batch, i, subject_id)
+        rec = out.get("reconstruction") if keep_reconstruction else None
         for row in np.flatnonzero(np.asarray(batch["valid"])):
             sid = _text(batch["subject_id"][row])
-            entry = parts.setdefault(sid, {"kind": _text(batch["kind"][row]), "slices": {}})
+            if sid != subject_id:
+                raise RuntimeError(f"subject {subject_id}: its records hold a slice of {sid}")
+            kind = _text(batch["kind"][row])
             index = int(batch["slice_index"][row])
-            if index in entry["slices"]:
+            if index in slices:
                 raise RuntimeError(f"subject {sid}: slice {index} delivered twice")
-            rec = out.get("reconstruction")
-            entry["slices"][index] = (
-                out["score"][row], batch["image"][row], batch["brain_mask"][row],
-                batch["seg"][row], None if rec is None or not keep_reconstruction else rec[row])
-    volumes = {}
-    for sid, entry in parts.items():
-        depth = num_slices[sid]
-        missing = sorted(set(range(depth)) - set(entry["slices"]))
-        if missing:
-            raise RuntimeError(f"subject {sid}: slices {missing[:5]} missing from the evaluation "
-                               "split")
-        rows = [entry["slices"][k] for k in range(depth)]
-        recs = [r[4] for r in rows]
-        volumes[sid] = ScoredVolume(
-            subject_id=sid, kind=entry["kind"],
-            score=np.stack([r[0] for r in rows]).astype(np.float32),
-            image=np.stack([r[1] for r in rows]).astype(np.float32),
-            brain_mask=np.stack([r[2] for r in rows]).astype(bool),
-            seg=np.stack([r[3] for r in rows]) > 0,
-            reconstruction=None if recs[0] is None else np.stack(recs).astype(np.float32))
-    return volumes
+            slices[index] = (out["score"][row], batch["image"][row], batch["brain_mask"][row],
+                             batch["seg"][row], None if rec is None else rec[row])
+    missing = sorted(set(range(num_slices)) - set(slices))
+    if missing:
+        raise RuntimeError(f"subject {subject_id}: slices {missing[:5]} missing from the "
+                           "evaluation split")
+    rows = [slices[k] for k in range(num_slices)]
+    recs = [r[4] for r in rows]
+    return ScoredVolume(
+        subject_id=subject_id, kind=kind,
+        score=np.stack([r[0] for r in rows]).astype(np.float32),
+        image=np.stack([r[1] for r in rows]).astype(np.float32),
+        brain_mask=np.stack([r[2] for r in rows]).astype(bool),
+        seg=np.stack([r[3] for r in rows]) > 0,
+        reconstruction=None if recs[0] is None else np.stack(recs).astype(np.float32))
 
 
 def _text(value) -> str:
