@@ -35,10 +35,10 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.subsets import slices_of
+from configs import mmccd as mmccd_config
 from uadjax import metrics, runs
 from uadjax.data import schema
 from uadjax.methods import mmccd
-from configs import mmccd as mmccd_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained MMCCD run folder.", required=True)
 _PER_KIND = flags.DEFINE_integer("per_kind", 5, "Lesion-test subjects per kind.")
