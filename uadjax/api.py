@@ -102,8 +102,9 @@ class Run:
           overrides: test-time config settings, dotted keys (e.g. {'diffusion.test_timesteps':
             (250,), 'eval.batch_size': 8}); each distinct set compiles once. The sections
             that define the networks and data (`FIXED_SECTIONS`) cannot be overridden.
-          batch_index: folded into the run's evaluation key (the i-th batch of an
-            evaluation gets key fold_in(key(eval.seed), i)).
+          batch_index: the batch's key is fold_in(key(eval.seed), batch_index). (An
+            evaluation keys each volume apart: its i-th batch gets fold_in(volume_key(
+            key(eval.seed), subject_id), i), `inference.scoring.volume_key`.)
         Returns:
           The method's outputs as host arrays: 'score' [B, H, W], 'reconstruction'
           [B, H, W, C] where the method has one.
