@@ -1,7 +1,9 @@
 """The evaluation job: score every evaluation split, apply the protocol, write the outputs.
 
-Scoring runs the method's score function over the prepared splits (`score_splits`); the
-protocol on the score volumes (post-processing, thresholds, metrics) is `uadjax.protocol`;
+Scoring runs the method's score function over the prepared splits (`score_splits`): with N
+processes (jax.distributed) each scores every N-th volume into the evaluation's volume store
+(`inference.volume_store`), which also lets a killed evaluation resume. Process 0 runs the
+protocol on the score volumes (post-processing, thresholds, metrics: `uadjax.protocol`) and
 `run_evaluation` writes results.json, calibration.json, subjects.csv and report.md.
 """
 
@@ -119,7 +121,8 @@ def baseline_volumes(split_volumes):
 
 def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
                    progress: bool = True) -> dict:
-    """Scores, thresholds and measures; writes results.json, subjects.csv, report.md.
+    """Scores, thresholds and measures; writes results.json, subjects.csv, report.md (process
+    0; every process returns the same summary).
 
     Args:
       out_dir: where the outputs go; `<workdir>/eval` by default (another folder lets one
