@@ -55,16 +55,44 @@ def _env(**extra):
     return env
 
 
-def _start(args, num_processes):
-    """`num_processes` processes of one jax.distributed job (one CPU device each)."""
+def _start(args, num_processes, args_of=None):
+    """`num_processes` processes of one jax.distributed job (one CPU device each);
+    `args_of(i, args)` may give process i other command-line arguments."""
     port = _free_port()
     distributed = {} if num_processes == 1 else {
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": num_processes}
     return [subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        args if args_of is None else args_of(i, args), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
         env=_env(JAX_NUM_CPU_DEVICES=1, **distributed,
                  **({"JAX_PROCESS_ID": i} if distributed else {})))
         for i in range(num_processes)]
+
+
+# `python -m uadjax.main ...`, except that the process freezes itself (SIGSTOP, as a lost
+# host) right after it has saved its first scored volume: a deterministic point mid-way,
+# past every barrier before scoring, whatever the machine's speed.
+_FREEZE_AFTER_FIRST_VOLUME = """
+import os, runpy, signal
+from uadjax.inference import volume_store
+save = volume_store.VolumeStore.save
+def save_then_freeze(self, split, volume):
+    save(self, split, volume)
+    os.kill(os.getpid(), signal.SIGSTOP)
+volume_store.VolumeStore.save = save_then_freeze
+runpy.run_module("uadjax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _freeze_process_1(i, args):
+    assert args[1:3] == ["-m", "uadjax.main"]
+    return args if i != 1 else [args[0], "-c", _FREEZE_AFTER_FIRST_VOLUME, *args[3:]]
+
+
+def _stopped(proc) -> bool:
+    """Whether the process is stopped (state T in /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def _run_processes(tiny_data, workdir, steps, num_processes):
@@ -170,36 +198,34 @@ def test_two_processes_evaluate_like_one_and_a_stopped_run_resumes(tiny_data, ti
     single = _trained_copy(tiny_run, tmp_path / "single")
     _wait(_start(_evaluate_args(tiny_data, single), 1))
 
-    # Two processes; process 1 is frozen (a lost host) once the evaluation has begun, so
+    # Two processes; process 1 freezes (a lost host) once it has saved its first volume, so
     # process 0 scores its share and waits at the barrier: then both are killed.
     multi = _trained_copy(tiny_run, tmp_path / "multi")
     store = multi / "eval" / ".scored-volumes"
-    procs = _start(_evaluate_args(tiny_data, multi), 2)
-    try:
-        deadline = time.monotonic() + 240
-        while not (store / "identity.json").exists():
-            assert time.monotonic() < deadline and procs[0].poll() is None, \
-                "the evaluation did not start"
-            time.sleep(0.01)
-        procs[1].send_signal(signal.SIGSTOP)
-        from uadjax import jobs
-        from uadjax.evaluation import EVAL_SPLITS, split_subjects
+    from uadjax import jobs
+    from uadjax.evaluation import EVAL_SPLITS, split_subjects
 
-        index = jobs.ensure_shards(tiny_run, progress=False)
-        present = [s for s in EVAL_SPLITS if any(e["split"] == s for e in index["subjects"])]
-        entries = split_subjects(index, present)
-        share_0 = [store / e["split"] / f"{e['id']}.npz" for e in entries[0::2]]
-        while not all(p.exists() for p in share_0):
+    index = jobs.ensure_shards(tiny_run, progress=False)
+    present = [s for s in EVAL_SPLITS if any(e["split"] == s for e in index["subjects"])]
+    entries = split_subjects(index, present)
+    share_0 = [store / e["split"] / f"{e['id']}.npz" for e in entries[0::2]]
+    assert len(entries[1::2]) >= 2  # process 1 stops with some of its share left
+    procs = _start(_evaluate_args(tiny_data, multi), 2, args_of=_freeze_process_1)
+    try:
+        deadline = time.monotonic() + 600
+        while not (_stopped(procs[1]) and all(p.exists() for p in share_0)):
             assert time.monotonic() < deadline, "process 0 did not score its share"
+            assert procs[0].poll() is None and procs[1].poll() is None, "a process ended"
             time.sleep(0.05)
-        time.sleep(1.0)  # it is now blocked at the barrier; nothing more is written
+        time.sleep(1.0)  # process 0 is now blocked at the barrier; nothing more is written
+        assert procs[0].poll() is None
     finally:
         for proc in procs:
             proc.kill()
             proc.communicate()
     assert not (multi / "eval" / "results.json").exists()  # nothing looks complete
     kept = len(list(store.glob("*/*.npz")))
-    assert len(share_0) <= kept < len(entries)
+    assert kept == len(share_0) + 1  # process 0's share and process 1's first volume
 
     outputs = _wait(_start(_evaluate_args(tiny_data, multi), 2))
     assert f"resuming an interrupted evaluation: {kept} volume(s) already scored" in outputs[0]
