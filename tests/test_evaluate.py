@@ -105,6 +105,78 @@ def test_postprocessing_switches_are_applied():
     np.testing.assert_array_equal(processed, expected)
 
 
+def test_pooled_voxels_keep_everything_up_to_the_cap_and_a_uniform_sample_beyond():
+    rng = np.random.default_rng(3)
+    chunks = [(rng.random(n).astype(np.float32), rng.random(n) < 0.2) for n in (500, 700, 300)]
+    exact = protocol.PooledVoxels(1500)
+    for c in chunks:
+        exact.add(*c)
+    for got, want in zip(exact.arrays(), (np.concatenate([c[i] for c in chunks])
+                                          for i in (0, 1)), strict=True):
+        np.testing.assert_array_equal(got, want)  # all voxels, in order
+    assert exact.rate == 1.0
+
+    big = [(rng.random(20_000).astype(np.float32), rng.random(20_000) < 0.3) for _ in range(10)]
+    sample = protocol.PooledVoxels(30_000, seed=0)
+    for c in big:
+        sample.add(*c)
+    scores, labels = sample.arrays()
+    assert scores.size <= 30_000 and sample.rate == 1 / 8  # 200k halved 3 times to 25k
+    assert scores.size == pytest.approx(200_000 * sample.rate, rel=0.05)
+    assert labels.mean() == pytest.approx(0.3, abs=0.02)  # uniform: the label rate holds
+    # Every chunk is represented at the same rate (no bias to early or late volumes).
+    assert np.quantile(scores, 0.9) == pytest.approx(0.9, abs=0.02)
+
+
+def _stored(splits, tmp_path):
+    """The same splits as lazy StoredSplit mappings over a VolumeStore on disk."""
+    from uadjax.inference.volume_store import VolumeStore
+
+    store = VolumeStore(tmp_path, {"test": 1})
+    store.prepare()
+    for split, vols in splits.items():
+        for v in vols.values():
+            store.save(split, v)
+    return store, {split: store.split(split, {s: v.kind for s, v in vols.items()})
+                   for split, vols in splits.items()}
+
+
+def test_streamed_protocol_equals_the_in_memory_one(tmp_path):
+    rng = np.random.default_rng(4)
+    splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
+    cfg = _eval_cfg(erode_iterations=1, median_size=3, min_component_size=2)
+    want, want_rows = protocol.evaluate_scores(splits, cfg, spacing=(1, 1, 1))
+    store, lazy = _stored(splits, tmp_path)
+    processed = protocol.postprocess_splits(lazy, cfg, store.processed_dir / "m")
+    got, got_rows = protocol.evaluate_scores(lazy, cfg, spacing=(1, 1, 1), scores=processed)
+    assert got == want and got_rows == want_rows
+    assert len(list((store.processed_dir / "m").glob("*.npy"))) == sum(map(len, splits.values()))
+    assert protocol.calibrate(lazy, cfg, processed) == protocol.calibrate(
+        splits, cfg, protocol.postprocess_splits(splits, cfg))
+    assert protocol.reconstruction_summary(lazy) == protocol.reconstruction_summary(splits)
+
+
+def test_protocol_past_the_pooled_voxel_cap_stays_close_to_exact():
+    rng = np.random.default_rng(5)
+    splits = _splits(lambda seg: seg * 0.7 + rng.random(seg.shape).astype(np.float32), rng,
+                     shape=(8, 32, 32))
+    exact, _ = protocol.evaluate_scores(splits, _eval_cfg(), spacing=(1, 1, 1))
+    capped, _ = protocol.evaluate_scores(splits, _eval_cfg(max_pooled_voxels=8_000),
+                                         spacing=(1, 1, 1))  # 4 x 8,192 voxels per pool
+    a, b = exact["kinds"]["tumour"], capped["kinds"]["tumour"]
+    assert a != b  # sampled, not exact
+    assert b["oracle"]["pooled"]["ap"] == pytest.approx(a["oracle"]["pooled"]["ap"], abs=0.05)
+    assert b["oracle"]["pooled"]["auroc"] == pytest.approx(a["oracle"]["pooled"]["auroc"],
+                                                           abs=0.01)
+    for source in ("val", "oracle"):
+        assert b[source]["per_volume"]["dice"]["mean"] == pytest.approx(
+            a[source]["per_volume"]["dice"]["mean"], abs=0.05)
+    for rate in (0.01, 0.1):
+        key = f"fpr@{rate:g}"
+        assert capped["fpr_thresholds"][key] == pytest.approx(exact["fpr_thresholds"][key],
+                                                              abs=0.05)
+
+
 def test_score_volume_reassembles_its_records_like_a_loop():
     rng = np.random.default_rng(3)
     depth = {"a": 5, "b": 3}

@@ -14,13 +14,14 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from uadjax import atomic, metrics, parallel, protocol, report, results, runs
+from uadjax import atomic, jobs, metrics, parallel, protocol, report, results, runs
 from uadjax.data import builder, pipeline, schema
-from uadjax.inference.scoring import RecordRange, make_batch_scorer, score_volume
+from uadjax.inference.scoring import RecordRange, ScoredVolume, make_batch_scorer, score_volume
 from uadjax.inference.volume_store import VolumeStore, identity_of
 from uadjax.methods import get_method, threshold
 from uadjax.progress import progress_bar
@@ -63,10 +64,11 @@ def score_splits(config, models, score_fn, store: VolumeStore, *, progress: bool
     reads every process's volumes back.
 
     Returns:
-      (split -> subject -> ScoredVolume on process 0, None on the others; the volumes index;
-      timing of this process: {'compile_seconds', 'score_seconds', 'volumes_scored',
-      'slices_scored'}). Volumes already in the store (an interrupted evaluation) are not
-      scored again and not counted.
+      (split -> StoredSplit (subject -> ScoredVolume, loaded on demand) on process 0, None
+      on the others; the volumes index; timing of this process: {'compile_seconds',
+      'score_seconds', 'volumes_scored', 'slices_scored', 'slices_per_volume'}). Volumes
+      already in the store (an interrupted evaluation) are not scored again and not counted;
+      'slices_per_volume' is the mean over every evaluation volume, whoever scored it.
     """
     index = builder.load_volumes_index(config.data.data_dir, config.data)
     present = []
@@ -78,45 +80,68 @@ def score_splits(config, models, score_fn, store: VolumeStore, *, progress: bool
             continue
         present.append(split)
     entries = split_subjects(index, present)
-    todo = [e for e in parallel.share(entries) if not store.has(e["split"], e["id"])]
-    scorer = make_batch_scorer(score_fn, models, config, parallel.local_mesh(),
-                               seed=config.eval.seed)
     timing = {"compile_seconds": 0.0, "score_seconds": 0.0, "volumes_scored": 0,
-              "slices_scored": 0}
+              "slices_scored": 0,
+              "slices_per_volume": float(np.mean([e["num_slices"] for e in entries]))
+              if entries else 0.0}
+    with parallel.together("uadjax: evaluation volumes scored"):
+        todo = [e for e in parallel.share(entries) if not store.has(e["split"], e["id"])]
+        scorer = make_batch_scorer(score_fn, models, config, parallel.local_mesh(),
+                                   seed=config.eval.seed)
 
-    def batches(entry):
-        return pipeline.make_eval_batches(
-            RecordRange(sources[entry["split"]], entry["offset"], entry["num_records"]),
-            batch_size=config.eval.batch_size)
+        def batches(entry):
+            return pipeline.make_eval_batches(
+                RecordRange(sources[entry["split"]], entry["offset"], entry["num_records"]),
+                batch_size=config.eval.batch_size)
 
-    if todo:  # compile on one batch, timed apart from scoring
+        if todo:  # compile on one batch, timed apart from scoring
+            start = time.perf_counter()
+            scorer(next(iter(batches(todo[0]))), 0, todo[0]["id"])
+            timing["compile_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        scorer(next(iter(batches(todo[0]))), 0, todo[0]["id"])
-        timing["compile_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for entry in progress_bar(todo, disable=not progress, desc="score", leave=False):
-        volume = score_volume(scorer, batches(entry), subject_id=entry["id"],
-                              num_slices=entry["num_slices"])
-        store.save(entry["split"], volume)
-        timing["volumes_scored"] += 1
-        timing["slices_scored"] += entry["num_slices"]
-    timing["score_seconds"] = time.perf_counter() - start
-    parallel.sync("uadjax: evaluation volumes scored")
+        for entry in progress_bar(todo, disable=not progress, desc="score", leave=False):
+            volume = score_volume(scorer, batches(entry), subject_id=entry["id"],
+                                  num_slices=entry["num_slices"])
+            store.save(entry["split"], volume)
+            timing["volumes_scored"] += 1
+            timing["slices_scored"] += entry["num_slices"]
+        timing["score_seconds"] = time.perf_counter() - start
     if jax.process_index() != 0:
         return None, index, timing
-    volumes: dict = {split: {} for split in present}
-    for entry in entries:
-        volumes[entry["split"]][entry["id"]] = store.load(entry["split"], entry["id"])
+    missing = [e for e in entries if not store.has(e["split"], e["id"])]
+    if missing:
+        store.load(missing[0]["split"], missing[0]["id"])  # raises, naming the file
+    volumes = {split: store.split(split, {e["id"]: e["kind"] for e in entries
+                                          if e["split"] == split})
+               for split in present}
     return volumes, index, timing
+
+
+class _Mapped(Mapping):
+    """subject -> fn(volume) over a mapping of volumes, computed on access (lazy as it is)."""
+
+    def __init__(self, volumes: Mapping[str, ScoredVolume], fn):
+        self._volumes, self._fn, self.kinds = volumes, fn, protocol.kinds_of(volumes)
+
+    def __getitem__(self, sid):
+        return self._fn(self._volumes[sid])
+
+    def __iter__(self):
+        return iter(self._volumes)
+
+    def __len__(self):
+        return len(self._volumes)
+
+
+def _as_baseline(volume: ScoredVolume) -> ScoredVolume:
+    return dataclasses.replace(volume, score=threshold.intensity_score(volume.image),
+                               reconstruction=None)
 
 
 def baseline_volumes(split_volumes):
     """The intensity-threshold baseline's score volumes from the same inputs, scored by the
-    threshold method's own function (all the inputs' channels)."""
-    return {split: {sid: dataclasses.replace(v, score=threshold.intensity_score(v.image),
-                                             reconstruction=None)
-                    for sid, v in vols.items()}
-            for split, vols in split_volumes.items()}
+    threshold method's own function (all the inputs' channels), each when it is read."""
+    return {split: _Mapped(vols, _as_baseline) for split, vols in split_volumes.items()}
 
 
 def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
@@ -133,20 +158,21 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
     method = get_method(config.method)
     models, checkpoint_steps = runs.load_models_and_steps(config, workdir)
     atomic.check_writable(out_dir)  # fail now, not after scoring
-    store = VolumeStore(out_dir, identity_of(config, checkpoint_steps))
-    if jax.process_index() == 0:
-        kept = store.prepare()
-        if kept:
-            print(f"resuming an interrupted evaluation: {kept} volume(s) already scored")
-    parallel.sync("uadjax: evaluation store ready")
+    store = VolumeStore(out_dir, identity_of(config, checkpoint_steps,
+                                             data=jobs.data_identity(config)))
+    with parallel.together("uadjax: evaluation store ready"):
+        if jax.process_index() == 0:
+            kept = store.prepare()
+            if kept:
+                print(f"resuming an interrupted evaluation: {kept} volume(s) already scored")
     split_volumes, index, scoring = score_splits(
         config, models, method.score_fn, store, progress=progress,
         splits=tuple(config.eval.get("splits", EVAL_SPLITS)))
-    if split_volumes is not None:  # process 0: the protocol and the outputs
-        summary = _evaluate_and_write(config, split_volumes, index, scoring,
-                                      checkpoint_steps, out_dir)
-        store.remove()
-    parallel.sync("uadjax: evaluation written")
+    with parallel.together("uadjax: evaluation written"):
+        if split_volumes is not None:  # process 0: the protocol and the outputs
+            summary = _evaluate_and_write(config, split_volumes, index, scoring,
+                                          checkpoint_steps, out_dir, store.processed_dir)
+            store.remove()
     if jax.process_index() != 0:
         with open(os.path.join(out_dir, results.RESULTS_FILE), encoding="utf-8") as fh:
             summary = json.load(fh)
@@ -154,8 +180,11 @@ def run_evaluation(config, workdir: str, *, out_dir: str | None = None,
 
 
 def _evaluate_and_write(config, split_volumes, index, scoring, checkpoint_steps,
-                        out_dir) -> dict:
-    """The protocol on every scored volume; writes the outputs; returns the summary."""
+                        out_dir, processed_dir=None) -> dict:
+    """The protocol on every scored volume; writes the outputs; returns the summary.
+
+    `processed_dir`: where post-processed scores are kept while the protocol runs (one
+    volume in memory at a time); None keeps them in memory."""
     score_seconds, compile_seconds = scoring["score_seconds"], scoring["compile_seconds"]
     spacing = {}  # volumes are [D, H, W] = canonical (z, x, y)
     for entry in index["subjects"]:
@@ -166,7 +195,8 @@ def _evaluate_and_write(config, split_volumes, index, scoring, checkpoint_steps,
         sources["threshold"] = baseline_volumes(split_volumes)
     all_results, rows, seconds, processed = {}, {}, {}, {}
     for name, vols in sources.items():
-        processed[name] = protocol.postprocess_splits(vols, config.eval)
+        processed[name] = protocol.postprocess_splits(
+            vols, config.eval, None if processed_dir is None else os.path.join(processed_dir, name))
         (res, name_rows), seconds[name] = timed(protocol.evaluate_scores, vols, config.eval,
                                                 spacing=spacing, scores=processed[name])
         all_results[name], rows[name] = res, name_rows
@@ -187,6 +217,7 @@ def _evaluate_and_write(config, split_volumes, index, scoring, checkpoint_steps,
                    "processes": jax.process_count(), "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
                    "volumes_scored": num_volumes,
+                   "slices_per_volume": scoring["slices_per_volume"],
                    # wall time of scoring per volume, data loading included (compilation not)
                    "seconds_per_volume": score_seconds / max(num_volumes, 1),
                    "metric_seconds": seconds},
@@ -250,15 +281,20 @@ def save_examples(path: str, split_volumes, processed: dict, per_kind: int) -> N
     across methods."""
 
     test = split_volumes.get(schema.TEST_LESION, {})
+    kinds = protocol.kinds_of(test)
     arrays = {}
-    for kind in sorted({v.kind for v in test.values()}):
-        ids = [s for s in sorted(test) if test[s].kind == kind][:per_kind]
-        picks = [(s, report.lesion_slice(test[s].seg)) for s in ids]
-        arrays[f"{kind}/ids"] = np.array([s for s, _ in picks], dtype=str)
-        arrays[f"{kind}/slice"] = np.array([k for _, k in picks], np.int32)
-        arrays[f"{kind}/image"] = np.stack([test[s].image[k, ..., 0] for s, k in picks])
-        arrays[f"{kind}/seg"] = np.stack([test[s].seg[k] for s, k in picks]).astype(np.uint8)
-        arrays[f"{kind}/score"] = np.stack([processed[s][k] for s, k in picks]).astype(np.float32)
+    for kind in sorted(set(kinds.values())):
+        ids = [s for s in sorted(kinds) if kinds[s] == kind][:per_kind]
+        picks = []  # (id, slice, image, seg, score), one volume read at a time
+        for sid in ids:
+            volume = test[sid]
+            k = report.lesion_slice(volume.seg)
+            picks.append((sid, k, volume.image[k, ..., 0], volume.seg[k], processed[sid][k]))
+        arrays[f"{kind}/ids"] = np.array([p[0] for p in picks], dtype=str)
+        arrays[f"{kind}/slice"] = np.array([p[1] for p in picks], np.int32)
+        arrays[f"{kind}/image"] = np.stack([p[2] for p in picks])
+        arrays[f"{kind}/seg"] = np.stack([p[3] for p in picks]).astype(np.uint8)
+        arrays[f"{kind}/score"] = np.stack([p[4] for p in picks]).astype(np.float32)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
 
@@ -267,12 +303,13 @@ def _figures(out_dir, sources, processed, all_results, config) -> list[str]:
     """Example panels and pooled PR curves per lesion kind; returns report sections."""
 
     test = sources[config.method].get(schema.TEST_LESION, {})
+    kinds = protocol.kinds_of(test)
     sections = []
-    for kind in sorted({v.kind for v in test.values()}):
+    for kind in sorted(set(kinds.values())):
         entry = all_results[config.method]["kinds"][kind]
         if "oracle" not in entry:
             continue
-        kind_ids = [s for s in sorted(test) if test[s].kind == kind]
+        kind_ids = [s for s in sorted(kinds) if kinds[s] == kind]
         threshold = entry["val"]["threshold"] if "val" in entry else entry["oracle"]["threshold"]
         name = f"examples_{kind}.png"
         report.save_examples_figure(
@@ -280,7 +317,7 @@ def _figures(out_dir, sources, processed, all_results, config) -> list[str]:
             processed[config.method], threshold, title=f"{config.method}: {kind}")
         curves = {
             method_name: protocol.pooled_sample(
-                [vols[schema.TEST_LESION][s] for s in kind_ids], processed[method_name])
+                (vols[schema.TEST_LESION][s] for s in kind_ids), processed[method_name])
             for method_name, vols in sources.items()}
         pr_name = f"pr_{kind}.png"
         report.save_pr_figure(os.path.join(out_dir, pr_name), curves,

@@ -48,7 +48,7 @@ def _as_bool(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(bool, copy=False)
 
 
-def _counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
+def binary_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
     """Returns (true positives, predicted positives, ground-truth positives)."""
     pred, gt = _as_bool(pred), _as_bool(gt)
     if pred.shape != gt.shape:
@@ -75,24 +75,24 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     Returns:
         Dice in [0, 1]; ``nan`` when both masks are empty.
     """
-    return _dice_from_counts(*_counts(pred, gt))
+    return _dice_from_counts(*binary_counts(pred, gt))
 
 
 def precision(pred: np.ndarray, gt: np.ndarray) -> float:
     """Precision = |A∩B| / |A|; ``nan`` when the prediction is empty."""
-    tp, n_pred, _ = _counts(pred, gt)
+    tp, n_pred, _ = binary_counts(pred, gt)
     return _ratio(tp, n_pred)
 
 
 def recall(pred: np.ndarray, gt: np.ndarray) -> float:
     """Recall (sensitivity) = |A∩B| / |B|; ``nan`` when the ground truth is empty."""
-    tp, _, n_gt = _counts(pred, gt)
+    tp, _, n_gt = binary_counts(pred, gt)
     return _ratio(tp, n_gt)
 
 
 def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
     """Jaccard = |A∩B| / |A∪B|; ``nan`` when both masks are empty."""
-    tp, n_pred, n_gt = _counts(pred, gt)
+    tp, n_pred, n_gt = binary_counts(pred, gt)
     return _ratio(tp, n_pred + n_gt - tp)
 
 
@@ -308,7 +308,7 @@ def _pooled_dice_at(
 ) -> float:
     tp = n_pred = n_gt = 0
     for scores, labels in zip(scores_list, labels_list, strict=True):
-        counts = _counts(np.asarray(scores) > threshold, labels)
+        counts = binary_counts(np.asarray(scores) > threshold, labels)
         tp, n_pred, n_gt = tp + counts[0], n_pred + counts[1], n_gt + counts[2]
     return _dice_from_counts(tp, n_pred, n_gt)
 
@@ -491,7 +491,7 @@ def volume_metrics(
         fp_volume_ml, pred_volume_ml, gt_volume_ml.
     """
     pred, gt = _as_bool(pred), _as_bool(gt)
-    tp, n_pred, n_gt = _counts(pred, gt)
+    tp, n_pred, n_gt = binary_counts(pred, gt)
     if score is None:
         ap, auroc = float("nan"), float("nan")
     else:
@@ -545,6 +545,12 @@ def summarize(results: Sequence[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def metrics_from_counts(tp: int, n_pred: int, n_gt: int) -> dict[str, float]:
+    """dice, precision, recall, jaccard from pooled voxel counts (nan where undefined)."""
+    return {"dice": _dice_from_counts(tp, n_pred, n_gt), "precision": _ratio(tp, n_pred),
+            "recall": _ratio(tp, n_gt), "jaccard": _ratio(tp, n_pred + n_gt - tp)}
+
+
 def pooled_metrics(
     scores_list: Sequence[np.ndarray] | None,
     preds_list: Sequence[np.ndarray] | None,
@@ -564,12 +570,9 @@ def pooled_metrics(
     if preds_list is not None:
         tp = n_pred = n_gt = 0
         for pred, gt in zip(preds_list, gts_list, strict=True):
-            counts = _counts(pred, gt)
+            counts = binary_counts(pred, gt)
             tp, n_pred, n_gt = tp + counts[0], n_pred + counts[1], n_gt + counts[2]
-        out["dice"] = _dice_from_counts(tp, n_pred, n_gt)
-        out["precision"] = _ratio(tp, n_pred)
-        out["recall"] = _ratio(tp, n_gt)
-        out["jaccard"] = _ratio(tp, n_pred + n_gt - tp)
+        out.update(metrics_from_counts(tp, n_pred, n_gt))
     if scores_list is not None:
         if len(scores_list) != len(gts_list):
             raise ValueError(f"{len(scores_list)} score volumes but {len(gts_list)} gts")

@@ -7,6 +7,7 @@ Parameters are replicated (`P()`), batches are split along their leading axis ov
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -71,6 +72,53 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def together(name: str):
+    """A block every process runs, then a barrier that also tells whether all succeeded.
+
+    If the block raises on any process, every process raises (the one that failed with its
+    own error, the others with a RuntimeError naming the barrier), instead of the others
+    waiting forever at the next barrier. With one process, just the block.
+    """
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _all_succeeded(False)
+        raise
+    if not _all_succeeded(True):
+        raise RuntimeError(f"{name}: another process failed (its log says why); this one "
+                           "stops too. Rerun the same command: finished work is kept")
+
+
+def _all_succeeded(ok: bool) -> bool:
+    """Every process's `ok`, gathered (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([ok], np.int32))
+    return bool(np.all(np.asarray(flags)))
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-serialisable `obj`, in process order (a collective: every process
+    calls it); with one process, [obj]."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes.ravel(),
+                                                                        strict=True)]
 
 
 def replicated(mesh) -> NamedSharding:

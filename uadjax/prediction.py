@@ -17,7 +17,6 @@ Multi-modality models take a folder of `<subject>_<modality>.nii.gz` files.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -238,48 +237,51 @@ def predict_paths(workdir: str, input_path: str, output_dir: str, *,
     # With several processes each takes every process_count-th scan: each scan's outputs
     # are written by exactly one of them.
     mine = parallel.share(sorted(scans.items()))
-    for name, files in progress_bar(mine, disable=not progress, desc="predict"):
-        prefix = out / name
-        targets = output_paths(prefix)
-        if not overwrite and all(t.exists() for t in targets):
-            report.skipped.append(name)
-            continue
-        missing = [m for m in config.data.modalities if m not in files]
-        if missing:
-            report.failures.append((str(Path(input_path) / name), f"missing modalities {missing}"))
-            continue
-        try:
-            report.written.extend(predict_scan(files, prefix, config=config, scorer=scorer,
-                                               calibration=calibration, brain_mask=brain_mask))
-        except OSError as err:
-            if atomic.is_write_error(err) and _under(err.filename, out):
-                raise OutputError(err, report, len(scans)) from err
-            report.failures.append((str(next(iter(files.values()))), str(err)))
-        except (DataError, ValueError) as err:
-            report.failures.append((str(next(iter(files.values()))), str(err)))
-    return gather_reports(report, out) if jax.process_count() > 1 else report
+    with parallel.together("uadjax: predict scans done"):  # one host failing stops them all
+        for name, files in progress_bar(mine, disable=not progress, desc="predict"):
+            _predict_one(name, files, out, report, config=config, scorer=scorer,
+                         calibration=calibration, brain_mask=brain_mask, overwrite=overwrite,
+                         input_path=input_path, total=len(mine))
+    return gather_reports(report) if jax.process_count() > 1 else report
 
 
-REPORT_FILE = ".predict-report-{}.json"
+def _predict_one(name, files, out: Path, report: PredictReport, *, config, scorer, calibration,
+                 brain_mask, overwrite, input_path, total) -> None:
+    """One scan of `predict_paths` into `report`: written, skipped or failed (an output
+    folder that takes no more files raises OutputError)."""
+    prefix = out / name
+    if not overwrite and all(t.exists() for t in output_paths(prefix)):
+        report.skipped.append(name)
+        return
+    missing = [m for m in config.data.modalities if m not in files]
+    if missing:
+        report.failures.append((str(Path(input_path) / name), f"missing modalities {missing}"))
+        return
+    try:
+        report.written.extend(predict_scan(files, prefix, config=config, scorer=scorer,
+                                           calibration=calibration, brain_mask=brain_mask))
+    except OSError as err:
+        if atomic.is_write_error(err) and _under(err.filename, out):
+            raise OutputError(err, report, total) from err
+        report.failures.append((str(next(iter(files.values()))), str(err)))
+    except (DataError, ValueError) as err:
+        report.failures.append((str(next(iter(files.values()))), str(err)))
 
 
-def gather_reports(report: PredictReport, out: Path) -> PredictReport:
-    """Several processes: each writes its report to the output folder; process 0 returns
-    them merged (every host's scans), the others their own."""
-    atomic.write_json(out / REPORT_FILE.format(jax.process_index()),
-                      {"written": [str(p) for p in report.written], "skipped": report.skipped,
-                       "failures": [list(f) for f in report.failures]})
-    parallel.sync("uadjax: predict reports written")
+def gather_reports(report: PredictReport) -> PredictReport:
+    """Several processes: process 0 returns every host's reports merged (all the scans),
+    the others their own (gathered over the jax.distributed collectives: no shared folder
+    needed)."""
+    parts = parallel.gather_json({"written": [str(p) for p in report.written],
+                                  "skipped": report.skipped,
+                                  "failures": [list(f) for f in report.failures]})
     if jax.process_index() != 0:
         return report
     merged = PredictReport()
-    for p in range(jax.process_count()):
-        path = out / REPORT_FILE.format(p)
-        part = json.loads(path.read_text(encoding="utf-8"))
+    for part in parts:
         merged.written.extend(Path(w) for w in part["written"])
         merged.skipped.extend(part["skipped"])
         merged.failures.extend(tuple(f) for f in part["failures"])
-        path.unlink()
     return merged
 
 
@@ -288,6 +290,7 @@ class OutputError(OSError):
     batch stops, since every further scan would fail the same way."""
 
     def __init__(self, err: OSError, report: PredictReport, total: int):
+        """`total`: the scans of this process (its share when there are several)."""
         done = report.scans_written + len(report.skipped)
         super().__init__(err.errno, f"cannot write {err.filename}: {err.strerror}. "
                                     f"{done} of {total} scans are complete; no partial outputs "

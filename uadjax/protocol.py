@@ -12,29 +12,112 @@ literature's alternatives reported beside it and labelled:
   - per-volume metrics (mean and std over volumes), pooled metrics over all voxels, and the
     false-positive volume on healthy test subjects.
 The job that scores the splits and writes the outputs is `uadjax.evaluation`.
+
+Memory stays bounded for any test-set size: volumes are visited one at a time (the splits
+may be lazy mappings that load each volume from disk, `inference.volume_store.StoredSplit`),
+and the statistics pooled over voxels (thresholds, pooled AUPRC/AUROC) come from
+`PooledVoxels`: every voxel while a pool holds at most `eval.max_pooled_voxels`, a seeded
+uniform sample of that size beyond (exactly the same results below the cap).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from uadjax import metrics
+from uadjax import atomic, metrics
 from uadjax.data import schema
 from uadjax.inference import postprocess
 from uadjax.inference.scoring import ScoredVolume
 
+DEFAULT_MAX_POOLED_VOXELS = 1 << 24  # 16.8 M voxels: 84 MB per pool of float32 score + label
+
+
+class PooledVoxels:
+    """Voxels pooled over volumes, in bounded memory.
+
+    `add` takes equally long 1-D arrays (e.g. scores and labels of one volume's voxels).
+    While the pool holds at most `cap` voxels it keeps all of them, in order (then every
+    statistic on it is exact); past the cap it halves itself (each kept voxel stays with
+    probability 1/2, seeded), and keeps later voxels at the same rate, so that it is always a
+    uniform sample of rate `rate` = 2^-k of everything added, at most `cap` long.
+    """
+
+    def __init__(self, cap: int, seed: int = 0):
+        self.cap, self.rate, self.size, self._chunks = int(cap), 1.0, 0, []
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, *arrays: np.ndarray) -> None:
+        arrays = tuple(np.ravel(a) for a in arrays)
+        if self.rate < 1.0:
+            keep = self._rng.random(arrays[0].size) < self.rate
+            arrays = tuple(a[keep] for a in arrays)
+        self._chunks.append(arrays)
+        self.size += arrays[0].size
+        while self.size > self.cap:
+            self.rate /= 2
+            halved = []
+            for chunk in self._chunks:
+                keep = self._rng.random(chunk[0].size) < 0.5
+                halved.append(tuple(a[keep] for a in chunk))
+            self._chunks = halved
+            self.size = sum(c[0].size for c in halved)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The pooled arrays, concatenated (empty arrays if nothing was added)."""
+        if not self._chunks:
+            return (np.zeros(0, np.float32), np.zeros(0, bool))
+        return tuple(np.concatenate(parts) for parts in zip(*self._chunks, strict=True))
+
+
+def _max_pooled(ecfg) -> int:
+    return int(ecfg.get("max_pooled_voxels", DEFAULT_MAX_POOLED_VOXELS))
+
+
+def kinds_of(volumes: Mapping[str, ScoredVolume]) -> dict[str, str]:
+    """subject -> lesion kind, without loading lazy volumes (they carry `kinds`)."""
+    kinds = getattr(volumes, "kinds", None)
+    return dict(kinds) if kinds is not None else {s: v.kind for s, v in volumes.items()}
+
+
+def postprocess_volume(volume: ScoredVolume, ecfg) -> np.ndarray:
+    """The post-processed score [D, H, W] (eroded brain mask, median filter)."""
+    return postprocess.postprocess_scores(
+        volume.score, volume.brain_mask, erode_iterations=ecfg.erode_iterations,
+        median_size=ecfg.median_size)
+
 
 def postprocess_volumes(volumes: dict[str, ScoredVolume], ecfg) -> dict[str, np.ndarray]:
     """subject -> post-processed score [D, H, W] (eroded brain mask, median filter)."""
-    return {
-        sid: postprocess.postprocess_scores(
-            v.score, v.brain_mask, erode_iterations=ecfg.erode_iterations,
-            median_size=ecfg.median_size)
-        for sid, v in volumes.items()
-    }
+    return {sid: postprocess_volume(v, ecfg) for sid, v in volumes.items()}
+
+
+class ProcessedScores(Mapping):
+    """subject -> post-processed score [D, H, W], computed once per volume on first use and
+    kept on disk (`<folder>/<subject>.npy`), so that memory does not grow with the splits."""
+
+    def __init__(self, split_volumes, ecfg, folder: str | Path):
+        self._split_of = {sid: split for split, vols in split_volumes.items() for sid in vols}
+        self._splits, self._ecfg, self._folder = split_volumes, ecfg, Path(folder)
+
+    def __getitem__(self, sid: str) -> np.ndarray:
+        path = self._folder / f"{sid}.npy"
+        if path.is_file():
+            return np.load(path)
+        score = postprocess_volume(self._splits[self._split_of[sid]][sid], self._ecfg)
+        with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, score)
+        return score
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._split_of)
+
+    def __len__(self) -> int:
+        return len(self._split_of)
 
 
 def _spacing_of(spacing, sid):
@@ -42,38 +125,25 @@ def _spacing_of(spacing, sid):
     return spacing[sid] if isinstance(spacing, dict) else spacing
 
 
-def _per_volume(sids, scores, volumes, threshold, ecfg, spacing):
-    rows = []
-    for sid in sids:
-        pred = postprocess.binarize(scores[sid], threshold,
-                                    min_component_size=ecfg.min_component_size)
-        row = metrics.volume_metrics(scores[sid], pred, volumes[sid].seg,
-                                     spacing=_spacing_of(spacing, sid))
-        rows.append({"subject_id": sid, "kind": volumes[sid].kind, **row})
-    return rows
-
-
-def _pooled(sids, scores, volumes, threshold, ecfg):
-    preds = [postprocess.binarize(scores[s], threshold, min_component_size=ecfg.min_component_size)
-             for s in sids]
-    return metrics.pooled_metrics([scores[s] for s in sids], preds,
-                                  [volumes[s].seg for s in sids])
-
-
-def postprocess_splits(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg):
-    """subject -> post-processed score [D, H, W], over every split."""
+def postprocess_splits(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg,
+                       cache_dir: str | Path | None = None) -> Mapping[str, np.ndarray]:
+    """subject -> post-processed score [D, H, W], over every split: a dict, or with
+    `cache_dir` a `ProcessedScores` mapping that computes each on first use (bounded memory)."""
+    if cache_dir is not None:
+        return ProcessedScores(split_volumes, ecfg, cache_dir)
     scores = {}
     for vols in split_volumes.values():
         scores.update(postprocess_volumes(vols, ecfg))
     return scores
 
 
-def evaluate_scores(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg, *,
-                    spacing, scores: dict | None = None) -> tuple[dict, list[dict]]:
-    """Thresholds and metrics for one method's score volumes.
+def evaluate_scores(split_volumes: dict[str, Mapping[str, ScoredVolume]], ecfg, *,
+                    spacing, scores: Mapping | None = None) -> tuple[dict, list[dict]]:
+    """Thresholds and metrics for one method's score volumes, one volume at a time.
 
     Args:
-      split_volumes: split name -> subject -> ScoredVolume (raw scores).
+      split_volumes: split name -> subject -> ScoredVolume (raw scores); dicts, or lazy
+        mappings with a `kinds` attribute (subject -> kind).
       ecfg: `config.eval`.
       spacing: voxel size in mm of the evaluation grid (D, H, W order), or a mapping
         subject -> voxel size when volumes keep their native spacing.
@@ -82,7 +152,7 @@ def evaluate_scores(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg, *,
       (results dict, per-subject rows for the CSV).
     """
     scores = postprocess_splits(split_volumes, ecfg) if scores is None else scores
-    volumes = {sid: v for vols in split_volumes.values() for sid, v in vols.items()}
+    cap = _max_pooled(ecfg)
     val = split_volumes.get(schema.VAL_LESION, {})
     test = split_volumes.get(schema.TEST_LESION, {})
     val_healthy = split_volumes.get(schema.VAL_HEALTHY, {})
@@ -90,48 +160,79 @@ def evaluate_scores(split_volumes: dict[str, dict[str, ScoredVolume]], ecfg, *,
 
     fpr_thresholds = {}
     if val_healthy:
-        values = metrics.threshold_at_fpr(
-            [scores[s] for s in val_healthy],
-            [postprocess.erode_brain_mask(volumes[s].brain_mask, ecfg.erode_iterations)
-             for s in val_healthy], list(ecfg.fprs))
+        pool = PooledVoxels(cap, seed=1)
+        for sid in val_healthy:
+            eroded = postprocess.erode_brain_mask(val_healthy[sid].brain_mask,
+                                                  ecfg.erode_iterations)
+            pool.add(scores[sid][eroded])
+        values = metrics.threshold_at_fpr([pool.arrays()[0]], None, list(ecfg.fprs))
         fpr_thresholds = {f"fpr@{r:g}": float(t) for r, t in zip(ecfg.fprs, np.atleast_1d(values))}
 
     results: dict = {"kinds": {}, "fpr_thresholds": fpr_thresholds}
     rows: list[dict] = []
-    kinds = sorted({v.kind for v in test.values()})
-    for kind in kinds:
-        val_ids = sorted(s for s, v in val.items() if v.kind == kind)
-        test_ids = sorted(s for s, v in test.items() if v.kind == kind)
+    val_kinds, test_kinds = kinds_of(val), kinds_of(test)
+    for kind in sorted(set(test_kinds.values())):
+        val_ids = sorted(s for s, k in val_kinds.items() if k == kind)
+        test_ids = sorted(s for s, k in test_kinds.items() if k == kind)
         entry: dict = {"num_test": len(test_ids), "num_val": len(val_ids)}
         thresholds = {}
         if val_ids:
             found = metrics.greedy_threshold_search(
-                [scores[s] for s in val_ids], [volumes[s].seg for s in val_ids],
-                steps=ecfg.threshold_steps)
+                *_all_voxels(val, val_ids, scores, cap), steps=ecfg.threshold_steps)
             thresholds["val"] = found.threshold
             entry["val_dice_at_selection"] = found.dice
-        if not any(volumes[s].seg.any() for s in test_ids):
+        test_scores, test_labels = _all_voxels(test, test_ids, scores, cap)
+        if not test_labels[0].any():
             entry["warning"] = "no lesion voxel inside the evaluation grid of any test volume"
             results["kinds"][kind] = entry
             continue
-        oracle = metrics.best_dice_threshold([scores[s] for s in test_ids],
-                                             [volumes[s].seg for s in test_ids])
+        oracle = metrics.best_dice_threshold(test_scores, test_labels)
         thresholds["oracle"] = oracle.threshold
         thresholds.update(fpr_thresholds)
+        pooled_ap, pooled_auroc = metrics.ap_and_auroc(test_scores[0], test_labels[0])
+        del test_scores, test_labels
+        per_volume, pooled = _threshold_metrics(test_ids, test, scores, thresholds, ecfg,
+                                                spacing)
         for source, threshold in thresholds.items():
-            per_volume = _per_volume(test_ids, scores, volumes, threshold, ecfg, spacing)
             entry[source] = {
                 "threshold": float(threshold),
-                "per_volume": metrics.summarize(per_volume),
-                "pooled": _pooled(test_ids, scores, volumes, threshold, ecfg),
+                "per_volume": metrics.summarize(per_volume[source]),
+                "pooled": {**pooled[source], "ap": pooled_ap, "auroc": pooled_auroc},
             }
             rows.extend({"threshold_source": source, "threshold": float(threshold), **r}
-                        for r in per_volume)
+                        for r in per_volume[source])
             if test_healthy and source == "val":
                 entry["healthy_fp_volume_ml"] = _healthy_fp(
                     test_healthy, scores, threshold, ecfg, spacing)
         results["kinds"][kind] = entry
     return results, rows
+
+
+def _all_voxels(volumes, sids, scores, cap) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """([scores], [labels]) of every voxel of the volumes `sids`, pooled (`PooledVoxels`)."""
+    pool = PooledVoxels(cap, seed=2)
+    for sid in sids:
+        pool.add(scores[sid], volumes[sid].seg)
+    pooled_scores, labels = pool.arrays()
+    return [pooled_scores], [labels.astype(bool)]
+
+
+def _threshold_metrics(sids, volumes, scores, thresholds: dict, ecfg, spacing):
+    """Per-volume metric rows and pooled binary counts at each threshold, one volume at a
+    time: ({source: [row per volume]}, {source: pooled dice/precision/recall/jaccard})."""
+    rows = {source: [] for source in thresholds}
+    counts = {source: np.zeros(3, np.int64) for source in thresholds}  # tp, n_pred, n_gt
+    for sid in sids:
+        volume, score = volumes[sid], scores[sid]
+        for source, threshold in thresholds.items():
+            pred = postprocess.binarize(score, threshold,
+                                        min_component_size=ecfg.min_component_size)
+            row = metrics.volume_metrics(score, pred, volume.seg,
+                                         spacing=_spacing_of(spacing, sid))
+            rows[source].append({"subject_id": sid, "kind": volume.kind, **row})
+            counts[source] += metrics.binary_counts(pred, volume.seg)
+    pooled = {source: metrics.metrics_from_counts(*c) for source, c in counts.items()}
+    return rows, pooled
 
 
 def _healthy_fp(test_healthy, scores, threshold, ecfg, spacing) -> dict:
@@ -180,7 +281,7 @@ def results_table(all_results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def calibrate(split_volumes, ecfg, scores: dict) -> dict:
+def calibrate(split_volumes, ecfg, scores: Mapping) -> dict:
     """The threshold for prediction: greedy search on all lesion-validation volumes pooled
     (`scores`: post-processed, as from `postprocess_splits`)."""
     val = split_volumes.get(schema.VAL_LESION, {})
@@ -188,9 +289,9 @@ def calibrate(split_volumes, ecfg, scores: dict) -> dict:
                                  "median_size": ecfg.median_size,
                                  "min_component_size": ecfg.min_component_size}}
     if val:
-        found = metrics.greedy_threshold_search([scores[s] for s in sorted(val)],
-                                                [val[s].seg for s in sorted(val)],
-                                                steps=ecfg.threshold_steps)
+        found = metrics.greedy_threshold_search(
+            *_all_voxels(val, sorted(val), scores, _max_pooled(ecfg)),
+            steps=ecfg.threshold_steps)
         out["threshold"] = float(found.threshold)
         out["threshold_source"] = "greedy search on all lesion-validation volumes"
         out["val_dice"] = float(found.dice)
@@ -203,7 +304,7 @@ def reconstruction_summary(split_volumes) -> dict | None:
     on the healthy ones (cDDPM's Table 2). None when the method reconstructs nothing.
 
     The reconstruction is compared with the input channels it reproduces: all of them, or
-    the first C when it has C < M channels.
+    the first C when it has C < M channels. One volume at a time.
     """
     def l1_and_quality(vol):
         channels = vol.reconstruction.shape[-1]
@@ -215,33 +316,43 @@ def reconstruction_summary(split_volumes) -> dict | None:
         diff = np.abs(vol.image[..., :channels] - vol.reconstruction)[vol.brain_mask]
         return float(diff.mean()) if diff.size else 0.0
 
-    healthy = [v for v in split_volumes.get(schema.TEST_HEALTHY, {}).values()
-               if v.reconstruction is not None]
-    if not healthy:
+    healthy = split_volumes.get(schema.TEST_HEALTHY, {})
+    per_volume = [l1_and_quality(v) for v in _volumes(healthy, sorted(healthy))
+                  if v.reconstruction is not None]
+    if not per_volume:
         return None
-    per_volume = [l1_and_quality(v) for v in healthy]
     out = {"healthy": {k: {"mean": float(np.mean([q[k] for q in per_volume])),
                            "std": float(np.std([q[k] for q in per_volume])),
                            "n": len(per_volume)} for k in ("ssim", "psnr", "l1")},
            "l1_ratio": {}}
     healthy_l1 = out["healthy"]["l1"]["mean"]
-    lesion = [v for v in split_volumes.get(schema.TEST_LESION, {}).values()
-              if v.reconstruction is not None]
-    for kind in sorted({v.kind for v in lesion}):
-        l1 = np.mean([in_brain_l1(v) for v in lesion if v.kind == kind])
-        out["l1_ratio"][kind] = float(l1 / healthy_l1) if healthy_l1 > 0 else math.nan
+    lesion = split_volumes.get(schema.TEST_LESION, {})
+    kinds = kinds_of(lesion)
+    for kind in sorted(set(kinds.values())):
+        l1s = [in_brain_l1(v) for v in _volumes(lesion, sorted(s for s in kinds
+                                                                if kinds[s] == kind))
+               if v.reconstruction is not None]
+        if l1s:
+            out["l1_ratio"][kind] = float(np.mean(l1s) / healthy_l1) if healthy_l1 > 0 \
+                else math.nan
     return out
 
 
-def pr_curves(split_volumes, processed: dict, *, points: int = 200) -> dict:
+def _volumes(volumes: Mapping[str, ScoredVolume], sids: Iterable[str]) -> Iterator[ScoredVolume]:
+    """The volumes `sids`, one at a time (a lazy mapping loads each on demand)."""
+    return (volumes[sid] for sid in sids)
+
+
+def pr_curves(split_volumes, processed: Mapping, *, points: int = 200) -> dict:
     """kind -> {'precision': [...], 'recall': [...]}: the pooled in-brain PR curve of the
     test lesion volumes (post-processed scores, voxels subsampled as in the report's
     figure), reduced to about `points` points for results.json."""
     test = split_volumes.get(schema.TEST_LESION, {})
+    kinds = kinds_of(test)
     out = {}
-    for kind in sorted({v.kind for v in test.values()}):
-        scores, labels = pooled_sample([v for v in test.values() if v.kind == kind],
-                                              processed)
+    for kind in sorted(set(kinds.values())):
+        scores, labels = pooled_sample(
+            _volumes(test, sorted(s for s in kinds if kinds[s] == kind)), processed)
         if not labels.any():
             continue
         precision, recall, _ = precision_recall_curve(labels, scores)
@@ -251,12 +362,12 @@ def pr_curves(split_volumes, processed: dict, *, points: int = 200) -> dict:
     return out
 
 
-def pooled_sample(volumes: list[ScoredVolume], scores: dict[str, np.ndarray], *,
+def pooled_sample(volumes: Iterable[ScoredVolume], scores: Mapping[str, np.ndarray], *,
                   max_voxels: int = 400_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled in-brain (score, label) pairs, uniformly subsampled to `max_voxels`."""
-    s = np.concatenate([scores[v.subject_id][v.brain_mask] for v in volumes])
-    y = np.concatenate([v.seg[v.brain_mask] for v in volumes])
-    if s.size > max_voxels:
-        keep = np.random.default_rng(seed).choice(s.size, max_voxels, replace=False)
-        s, y = s[keep], y[keep]
-    return s, y
+    """Pooled in-brain (score, label) pairs, a uniform sample of at most `max_voxels`
+    (`PooledVoxels`), one volume at a time."""
+    pool = PooledVoxels(max_voxels, seed)
+    for v in volumes:
+        pool.add(scores[v.subject_id][v.brain_mask], v.seg[v.brain_mask])
+    s, y = pool.arrays()
+    return s, y.astype(bool)

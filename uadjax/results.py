@@ -149,7 +149,8 @@ class EvaluationResults:
       reconstruction: healthy SSIM / PSNR / L1 and per-kind L1 ratios, or None.
       calibration: the prediction threshold and the post-processing (calibration.json).
       timing: 'score_seconds', 'compile_seconds', 'slices_scored', 'slices_per_second',
-        'volumes_scored', 'seconds_per_volume', 'metric_seconds'.
+        'volumes_scored', 'seconds_per_volume', 'metric_seconds', and (since multi-host
+        evaluation) 'processes', 'slices_per_volume' (mean over every evaluation volume).
     """
 
     method: str

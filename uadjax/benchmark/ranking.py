@@ -57,6 +57,8 @@ def network_evaluations_per_volume(entry: Entry, protocol: Protocol, record: dic
     config = build_config(entry, protocol, 0)
     per_slice = sum(get_method(config.method).network_evaluations(config).values())
     timing = record["results"].timing
+    if "slices_per_volume" in timing:  # over every volume, whichever process or run scored it
+        return per_slice * timing["slices_per_volume"]
     return per_slice * timing["slices_scored"] / max(timing["volumes_scored"], 1)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ IDENTITY_FILE = "identity.json"
 ARRAYS = ("score", "image", "brain_mask", "seg", "reconstruction")
 
 
-def identity_of(config, checkpoint_steps: dict) -> dict:
-    """What a store's volumes depend on: a digest of the whole config and the steps of the
-    checkpoints that scored them."""
+def identity_of(config, checkpoint_steps: dict, data: dict | None = None) -> dict:
+    """What a store's volumes depend on: a digest of the whole config, the steps of the
+    checkpoints that scored them and the dataset (`jobs.data_identity`: a regenerated
+    phantom under the same folder is other data)."""
     text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
     return {"config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "checkpoints": {k: v["step"] for k, v in sorted(checkpoint_steps.items())}}
+            "checkpoints": {k: v["step"] for k, v in sorted(checkpoint_steps.items())},
+            "data": data}
 
 
 class VolumeStore:
@@ -53,7 +56,8 @@ class VolumeStore:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic.write_json(path, self.identity)
-        return len(list(self.folder.glob("*/*.npz")))
+        # scored volumes only: not the temporary files of a write cut short
+        return sum(not p.name.startswith(".") for p in self.folder.glob("*/*.npz"))
 
     def path(self, split: str, subject_id: str) -> Path:
         return self.folder / split / f"{subject_id}.npz"
@@ -80,3 +84,37 @@ class VolumeStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def split(self, split: str, kinds: Mapping[str, str]) -> "StoredSplit":
+        """The split's stored volumes as a lazy mapping (`kinds`: subject -> lesion kind)."""
+        return StoredSplit(self, split, kinds)
+
+    @property
+    def processed_dir(self) -> Path:
+        """Where the protocol keeps the post-processed scores of these volumes."""
+        return self.folder / "processed"
+
+
+class StoredSplit(Mapping):
+    """subject -> ScoredVolume of one split, each loaded from the store when asked for (the
+    last one is kept), so the protocol holds one volume at a time, whatever the split's size.
+
+    `kinds` (subject -> lesion kind) answers without loading anything.
+    """
+
+    def __init__(self, store: VolumeStore, split: str, kinds: Mapping[str, str]):
+        self.store, self.name, self.kinds = store, split, dict(kinds)
+        self._last: ScoredVolume | None = None
+
+    def __getitem__(self, subject_id: str) -> ScoredVolume:
+        if subject_id not in self.kinds:
+            raise KeyError(subject_id)
+        if self._last is None or self._last.subject_id != subject_id:
+            self._last = self.store.load(self.name, subject_id)
+        return self._last
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
