@@ -246,3 +246,17 @@ def test_tiny_run_report(tiny_run):
     with open(os.path.join(eval_dir, "calibration.json")) as f:
         calibration = json.load(f)
     assert calibration["threshold"] >= 0
+
+
+def test_volume_store_resume_counts_scored_volumes_not_temporary_files(tmp_path):
+    from uadjax.inference.volume_store import VolumeStore
+
+    rng = np.random.default_rng(6)
+    volume = _volume("a", "tumour", _lesion((8, 16, 16), rng), rng.random((8, 16, 16)), rng)
+    store = VolumeStore(tmp_path, {"id": 1})
+    store.prepare()
+    store.save("test_lesion", volume)
+    (store.folder / "test_lesion" / ".b.npz.x1.tmp.npz").write_bytes(b"cut short")
+    assert store.prepare() == 1  # same identity: kept, the temporary file not counted
+    assert VolumeStore(tmp_path, {"id": 2}).prepare() == 0  # other identity: discarded
+    assert not store.has("test_lesion", "a")

@@ -234,6 +234,9 @@ def test_two_processes_evaluate_like_one_and_a_stopped_run_resumes(tiny_data, ti
         (single / "eval" / "subjects.csv").read_bytes()
     timing = json.loads((multi / "eval" / "results.json").read_text())["timing"]
     assert timing["processes"] == 2
+    # Each process's share of the rerun: the volumes that were missing, nothing twice.
+    assert sum(t["volumes_scored"] for t in timing["per_process"]) == len(entries) - kept
+    assert timing["per_process"][0]["volumes_scored"] == 0  # its share was already stored
 
 
 @pytest.mark.slow
@@ -267,3 +270,34 @@ def test_two_processes_predict_each_scan_once(tiny_run, tmp_path):
         np.testing.assert_array_equal(a, b)
     rerun = _wait(_start(args, 2))
     assert "predict: 0 scan(s) written, 3 skipped" in rerun[0]
+
+
+_FAIL_ON_PROCESS_1 = """
+import jax
+from uadjax import parallel
+parallel.initialize_distributed()
+index = jax.process_index()
+print("gathered", parallel.gather_json({"process": index, "text": "é" * index}))
+with parallel.together("the test block"):
+    if jax.process_index() == 1:
+        raise ValueError("boom on process 1")
+print("after the block")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_stops_the_others_instead_of_hanging():
+    procs = _start([sys.executable, "-c", _FAIL_ON_PROCESS_1], 2)
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all("gathered [{'process': 0, 'text': ''}, {'process': 1, 'text': 'é'}]" in out
+               for out in outputs), outputs
+    assert procs[1].returncode != 0 and "boom on process 1" in outputs[1]
+    assert procs[0].returncode != 0, outputs[0]
+    assert "the test block: another process failed" in outputs[0]
+    assert not any("after the block" in out for out in outputs)

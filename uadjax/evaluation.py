@@ -106,6 +106,10 @@ def score_splits(config, models, score_fn, store: VolumeStore, *, progress: bool
             timing["volumes_scored"] += 1
             timing["slices_scored"] += entry["num_slices"]
         timing["score_seconds"] = time.perf_counter() - start
+    # every process's scoring figures, for results.json (a collective: all processes call it)
+    timing["per_process"] = [{k: t[k] for k in ("score_seconds", "compile_seconds",
+                                                "volumes_scored", "slices_scored")}
+                             for t in parallel.gather_json(timing)]
     if jax.process_index() != 0:
         return None, index, timing
     missing = [e for e in entries if not store.has(e["split"], e["id"])]
@@ -212,12 +216,13 @@ def _evaluate_and_write(config, split_volumes, index, scoring, checkpoint_steps,
         "spacing_mm": sorted(set(spacing.values())), "results": all_results,
         "calibration": calibration,
         # Timing of process 0's share, scored in this call (a resumed evaluation does not
-        # count the volumes scored before it).
+        # count the volumes scored before it); 'per_process': every process's share.
         "timing": {"score_seconds": score_seconds, "compile_seconds": compile_seconds,
                    "processes": jax.process_count(), "slices_scored": num_slices,
                    "slices_per_second": num_slices / max(score_seconds, 1e-9),
                    "volumes_scored": num_volumes,
                    "slices_per_volume": scoring["slices_per_volume"],
+                   "per_process": scoring["per_process"],
                    # wall time of scoring per volume, data loading included (compilation not)
                    "seconds_per_volume": score_seconds / max(num_volumes, 1),
                    "metric_seconds": seconds},

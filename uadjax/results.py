@@ -150,7 +150,8 @@ class EvaluationResults:
       calibration: the prediction threshold and the post-processing (calibration.json).
       timing: 'score_seconds', 'compile_seconds', 'slices_scored', 'slices_per_second',
         'volumes_scored', 'seconds_per_volume', 'metric_seconds', and (since multi-host
-        evaluation) 'processes', 'slices_per_volume' (mean over every evaluation volume).
+        evaluation) 'processes', 'slices_per_volume' (mean over every evaluation volume),
+        'per_process' (each process's score_seconds, compile_seconds, volumes and slices).
     """
 
     method: str
