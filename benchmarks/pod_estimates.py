@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,7 +33,16 @@ import numpy as np
 # MMCCD protocol, 20 slices: configs/data.py:mmccd_brats).
 BRATS21_VOLUMES = 1151
 PEAKS = {"H100/H200 (989 TFLOP/s bf16)": 989e12, "TPU v5e (197 TFLOP/s bf16)": 197e12}
+CHIPS = {"H100/H200 (989 TFLOP/s bf16)": (1, 8), "TPU v5e (197 TFLOP/s bf16)": (1, 16)}
 UTILISATIONS = (1.0, 0.3)
+
+
+def estimated_hours(gflop_per_slice: float, slices_per_volume: int, volumes: int) -> dict:
+    """Hours to score `volumes` volumes on 1 and 8 GPUs, 1 and 16 v5e chips (a v5e-16
+    slice), at 100 % and 30 % of the bf16 peak."""
+    total = gflop_per_slice * 1e9 * slices_per_volume * volumes
+    return {f"{chips} x {name} at {int(u * 100)} %": total / (peak * u * chips) / 3600
+            for name, peak in PEAKS.items() for chips in CHIPS[name] for u in UTILISATIONS}
 
 # method -> {stage: evaluations per slice, from the method's own count}
 def _evaluations_by_stage(method: str, counts: dict) -> dict:
@@ -71,11 +81,28 @@ def forward_gflop(config, stage) -> float:
 
 
 def slices_per_volume(config) -> int:
+    """Axial slices scored per BraTS volume: the protocol's slice range or count, else every
+    slice of BraTS's 155 mm at the config's axial spacing."""
     data = config.data
     if data.get("slice_range"):
         lo, hi = data.slice_range
         return int(hi - lo)
-    return int(data.num_slices)
+    if data.get("num_slices"):
+        return int(data.num_slices)
+    return int(round(155 / float(data.target_spacing[2])))
+
+
+def _print_table(rows) -> None:
+    keys = [k for k in rows[0]["estimated_hours"] if k.endswith("30 %")]
+    print("\n| method | evaluations / slice | slices / volume | evaluations / volume | "
+          "GFLOP / slice | volumes | " + " | ".join(f"hours, {k}" for k in keys) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(keys))
+    for r in rows:
+        per_slice = ", ".join(f"{k} {v:,}" for k, v in r["evaluations_per_slice"].items())
+        print(f"| {r['method']} | {per_slice} | {r['slices_per_volume']} | "
+              f"{r['evaluations_per_volume']:,.0f} | {r['gflop_per_slice']:,.0f} | "
+              f"{r['volumes']} | " + " | ".join(f"{r['estimated_hours'][k]:.2g}" for k in keys)
+              + " |")
 
 
 def main() -> None:
@@ -83,7 +110,18 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--methods", default="", help="comma-separated subset (name or name:mod)")
+    p.add_argument("--recompute", default="", help="a JSON this script wrote: recompute its "
+                   "hours from its GFLOP figures (no compiling)")
     args = p.parse_args()
+    if args.recompute:
+        data = json.loads(Path(args.recompute).read_text())
+        for r in data["rows"]:
+            r["estimated_hours"] = estimated_hours(r["gflop_per_slice"], r["slices_per_volume"],
+                                                   r["volumes"])
+        data["peaks_flops"] = PEAKS
+        Path(args.recompute).write_text(json.dumps(data, indent=1))
+        _print_table(data["rows"])
+        return
     wanted = set(filter(None, args.methods.split(",")))
     import importlib
 
@@ -105,27 +143,15 @@ def main() -> None:
             gflop_slice += n * forward_gflop(config, stage)
         spv = slices_per_volume(config)
         volumes = 139 if name == "mmccd" else BRATS21_VOLUMES
-        total = gflop_slice * 1e9 * spv * volumes
         row = {"method": name + (f":{modifier}" if modifier else ""),
                "evaluations_per_slice": counts, "slices_per_volume": spv,
                "evaluations_per_volume": float(sum(counts.values())) * spv,
                "gflop_per_slice": round(gflop_slice, 2), "volumes": volumes,
-               "estimated_hours": {
-                   f"{chips} x {peak_name} at {int(u * 100)} %":
-                       total / (peak * u * chips) / 3600
-                   for peak_name, peak in PEAKS.items() for chips in (1, 8)
-                   for u in UTILISATIONS}}
+               "estimated_hours": estimated_hours(gflop_slice, spv, volumes)}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    keys = list(rows[0]["estimated_hours"])
-    print("\n| method | evaluations / volume | GFLOP / slice | volumes | "
-          + " | ".join(f"h, {k}" for k in keys) + " |")
-    print("|---|---|---|---|" + "---|" * len(keys))
-    for r in rows:
-        print(f"| {r['method']} | {r['evaluations_per_volume']:,.0f} | {r['gflop_per_slice']} | "
-              f"{r['volumes']} | "
-              + " | ".join(f"{r['estimated_hours'][k]:.3g}" for k in keys) + " |")
+    _print_table(rows)
     if args.out:
         from uadjax import atomic
 
