@@ -107,7 +107,7 @@ class ProcessedScores(Mapping):
     def __getitem__(self, sid: str) -> np.ndarray:
         path = self._folder / f"{sid}.npy"
         if path.is_file():
-            return np.load(path)
+            return np.load(path, allow_pickle=False)
         score = postprocess_volume(self._splits[self._split_of[sid]][sid], self._ecfg)
         with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, score)
