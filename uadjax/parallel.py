@@ -66,14 +66,6 @@ def share(items: list) -> list:
     return list(items)[jax.process_index()::jax.process_count()]
 
 
-def sync(name: str) -> None:
-    """Waits until every process reaches the barrier `name` (nothing with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 @contextlib.contextmanager
 def together(name: str):
     """A block every process runs, then a barrier that also tells whether all succeeded.
