@@ -17,15 +17,13 @@ mean 74 %). Needs the shards of the config (any `train` or `run` of it builds th
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from uadjax import jobs
+from uadjax import atomic, jobs
 from uadjax.data import builder, schema
 from uadjax.methods import disyre
 
@@ -126,8 +124,7 @@ def main(argv):
     for row in rows:
         print("| " + " | ".join(row) + " |")
     if _JSON.value:
-        with open(_JSON.value, "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=1)
+        atomic.write_json(_JSON.value, stats, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ severity label changes the restoration, relative to the restoration itself.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from sklearn.metrics import roc_auc_score
 
-from uadjax import runs
+from uadjax import atomic, runs
 from uadjax.data import builder, schema
 from uadjax.methods import disyre
 
@@ -113,8 +111,7 @@ def main(argv):
               f"{r['test_labels']['removed']:.3f} | {r['test_labels']['auroc']:.3f} | "
               f"{r['t_sensitivity']:.4f} |")
     if _JSON.value:
-        with open(_JSON.value, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        atomic.write_json(_JSON.value, rows, indent=1)
 
 
 if __name__ == "__main__":

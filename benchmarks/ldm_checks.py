@@ -24,8 +24,6 @@ All figures use raw maps (before the evaluation's post-processing) and fixed key
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +31,7 @@ from absl import app, flags
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.subsets import pixel_accuracy, slices_of
-from uadjax import diffusion, metrics, runs
+from uadjax import atomic, diffusion, metrics, runs
 from uadjax.data import schema
 from uadjax.methods import ldm, shared
 
@@ -205,8 +203,7 @@ def main(argv):
 
 def _write(result: dict) -> None:
     if _JSON.value:
-        with open(_JSON.value, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
+        atomic.write_json(_JSON.value, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.commitment_cost = 0.25       # van den Oord et al. / MONAI
     # KL map: the ELBO terms at these 0-based t (t >= 1), averaged (ours: 25 steps spread
     # over the first 500, where the model still sees the input; one noise draw for all t).
+    # Pinaya et al. leave the set open. On the CPU run (below) the low-t terms hardly
+    # separate lesions (AUROC 0.53 at t = 25) and dominate a plain mean, so there the set
+    # moved to t = 350..650. This paper-size set is not yet measured: choose it with
+    # `python -m benchmarks.ldm_checks --kl_timesteps ...` on a trained paper-size run
+    # (docs/findings.md, issue 22) before quoting paper-size LDM figures.
     c.kl_timesteps = tuple(range(20, 501, 20))
     c.clip_x0 = None               # MONAI clips x0 to [-1, 1]; scaled latents have std 1
     c.sweep_chunk = None           # KL timesteps evaluated at once (None = all)
