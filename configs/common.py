@@ -148,6 +148,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     t.max_checkpoints = 2
     t.val_every_steps = 1000      # healthy-validation loss; 0 disables
     t.val_batches = 8             # batches of healthy validation slices per validation
+    # Which checkpoint evaluation and later stages use: 'best_val' (the step of lowest
+    # healthy-validation loss among the validations, kept in <stage>/best_checkpoint;
+    # Behrendt's configs/callbacks/checkpoint.yaml monitors the validation loss and tests
+    # `ckpt_path: best`) or 'latest'. Paper configs: best_val; cpu and tiny: latest (a
+    # short budget validates a few times, and the budget curve measures the steps given).
+    t.select_checkpoint = "best_val" if size == "paper" else "latest"
     t.tensorboard = True
     t.data_split = "train"        # the split a stage trains on (LDM's calibration: val_healthy)
     t.augment = True              # config.data.augment applies (when it is enabled)

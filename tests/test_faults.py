@@ -201,7 +201,8 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tiny_data, tmp_pa
     with pytest.warns(UserWarning, match="falling back to step 2"):
         _, steps = runs.load_models_and_steps(config, str(workdir))
     assert steps == {"diffusion": {"step": 2, "latest_step": 4, "fell_back": True,
-                                   "trained_steps": 2, "num_steps": 4}}
+                                   "selection": "latest", "val_loss": None,
+                                   "trained_steps": 2, "num_steps": 4, "finished_steps": 2}}
     line = evaluation._checkpoint_line({"checkpoints": steps})
     assert ("diffusion step 2 (**unfinished**: 2 of 4 steps) (**not the latest**: step 4 "
             "could not be read") in line
@@ -384,8 +385,9 @@ def test_disk_full_during_evaluation_keeps_the_previous_outputs(tiny_run, tmp_pa
                                     progress=False)
     step = int(tiny_run.train.num_steps)
     assert first["checkpoints"] == {"diffusion": {"step": step, "latest_step": step,
-                                                  "fell_back": False, "trained_steps": step,
-                                                  "num_steps": step}}
+                                                  "fell_back": False, "selection": "latest",
+                                                  "val_loss": None, "trained_steps": step,
+                                                  "num_steps": step, "finished_steps": step}}
     assert f"Checkpoints: diffusion step {step}." in (out_dir / "report.md").read_text()
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
 

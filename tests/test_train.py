@@ -16,6 +16,7 @@ from configs import ddpm
 from uadjax import checkpointing, jobs, parallel, runs, train_state, trainer
 from uadjax.methods import get_method
 from uadjax.methods.base import Stage
+from uadjax.metric_writer import read_metrics
 
 
 def _tiny_config(tiny_run, **train_overrides):
@@ -285,3 +286,43 @@ def test_optimizer_schedules_against_closed_forms():
 def test_ema_warmup_formula():
     assert float(trainer.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
     assert float(trainer.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+
+
+def test_best_validation_checkpoint_is_kept_selected_and_recorded(tiny_run, tmp_path):
+    """select_checkpoint='best_val' (Behrendt's `ckpt_path: best`): the kept step is the
+    argmin of the logged validation losses, also across a resume whose later steps are worse
+    (resumed with a negative learning rate: gradient ascent); it holds the same parameters as a run stopped at that step; evaluation
+    uses it and results.json names the selection, the step and its loss."""
+    config = _tiny_config(tiny_run, num_steps=3, checkpoint_every_steps=1, val_every_steps=1,
+                          log_every_steps=1, select_checkpoint="best_val")
+    workdir = str(tmp_path / "best")
+    _train(config, workdir)
+    worse = _tiny_config(tiny_run, num_steps=6, checkpoint_every_steps=1, val_every_steps=1,
+                         log_every_steps=1, select_checkpoint="best_val",
+                         learning_rate=-10 * config.train.learning_rate)
+    _train(worse, workdir)
+    records = [r for r in read_metrics(os.path.join(workdir, "diffusion",
+                                                            "metrics.jsonl"))
+               if r["split"] == "val"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    best = min(records, key=lambda r: r["loss"])
+    assert best["step"] <= 3 < 6, records  # the ascent made every later step worse
+    model, info = runs.load_stage_checkpoint(worse, workdir, _stage())
+    assert (info["selection"], info["step"], info["finished_steps"]) == ("best_val",
+                                                                         best["step"], 6)
+    assert info["val_loss"] == pytest.approx(best["loss"], rel=1e-6)
+    stopped = _train(config, str(tmp_path / "stopped"), stop_at_step=best["step"])
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                    jax.tree.leaves(jax.device_get(stopped["state"]["ema_params"])),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    latest = _tiny_config(worse, select_checkpoint="latest")
+    assert runs.load_stage_checkpoint(latest, workdir, _stage())[1]["step"] == 6
+    with pytest.raises(ValueError, match="select_checkpoint"):
+        runs.checkpoint_selection(_tiny_config(worse, select_checkpoint="best").train)
+    summary = jobs.evaluate(worse, workdir, progress=False)
+    recorded = summary["checkpoints"]["diffusion"]
+    assert (recorded["selection"], recorded["step"]) == ("best_val", best["step"])
+    assert recorded["val_loss"] == pytest.approx(best["loss"], rel=1e-6)
+    report = open(os.path.join(workdir, "eval", "report.md"), encoding="utf-8").read()
+    assert f"diffusion step {best['step']} (lowest healthy-validation loss" in report

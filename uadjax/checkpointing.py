@@ -6,6 +6,8 @@ A checkpoint step folder holds three items:
              would have seen
   config     the run's config as JSON (for evaluation and prediction from a run directory)
   integrity  SHA-256 of every array of `state` (JSON), checked on restore
+  selection  (best-validation copies only) why this step was kept: {"metric", "value",
+             "step"} (JSON)
 orbax writes each step to a temporary folder and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind (leftover temporary folders are removed at the
 next start). What renaming cannot catch (a truncated, bit-flipped or emptied step folder:
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data_iter", "config", "integrity")
+ITEMS = ("state", "data_iter", "config", "integrity", "selection")
 
 
 class CheckpointError(RuntimeError):
@@ -92,8 +94,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state, *, data_iter=None, config=None, force: bool = True) -> bool:
-        """Saves `state` (and the iterator state, config and integrity digest) at `step`."""
+    def save(self, step: int, state, *, data_iter=None, config=None, selection=None,
+             force: bool = True) -> bool:
+        """Saves `state` (and the iterator state, config, integrity digest and, for a
+        best-validation copy, the `selection` record) at `step`."""
         state = host_copy(state)
         items = {"state": ocp.args.StandardSave(state),
                  "integrity": ocp.args.JsonSave(state_digest(state))}
@@ -101,6 +105,8 @@ class Checkpointer:
             items["data_iter"] = ocp.args.JsonSave(_iterator_state(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_to_dict(config))
+        if selection is not None:
+            items["selection"] = ocp.args.JsonSave(selection)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, *, step: int | None = None, data_iter=None,
@@ -192,6 +198,17 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored["config"]
+
+    def restore_selection(self, step: int | None = None) -> dict | None:
+        """The `selection` record saved with `step` (default: the latest); None if the step
+        has none (an ordinary checkpoint) or there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None or not os.path.isdir(os.path.join(self.directory, str(step),
+                                                          "selection")):
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(selection=ocp.args.JsonRestore()))
+        return restored["selection"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

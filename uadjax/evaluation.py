@@ -263,12 +263,18 @@ def _write_outputs(out_dir, summary, rows, sources, processed, config) -> None:
 
 
 def _checkpoint_line(summary) -> str:
-    """'stage step N' per scoring stage; a fallback past unreadable newer steps is flagged."""
+    """'stage step N' per scoring stage, with the selection rule when it is the best
+    validation loss; an unfinished stage or a fallback past unreadable newer steps is
+    flagged."""
     parts = []
     for name, info in summary["checkpoints"].items():
         part = f"{name} step {info['step']}"
-        if info["trained_steps"] < info["num_steps"]:
-            part += f" (**unfinished**: {info['trained_steps']} of {info['num_steps']} steps)"
+        finished = info.get("finished_steps", info["trained_steps"])
+        if info.get("selection") == "best_val":
+            part += (f" (lowest healthy-validation loss, {info['val_loss']:.5g}, of "
+                     f"{finished} trained)")
+        if finished < info["num_steps"]:
+            part += f" (**unfinished**: {finished} of {info['num_steps']} steps)"
         if info["fell_back"]:
             part += (f" (**not the latest**: step {info['latest_step']} could not be read, "
                      "see the warning in the log)")

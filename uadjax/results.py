@@ -144,8 +144,9 @@ class EvaluationResults:
     Attributes:
       method: the evaluated method; `results[method]` are its results, other entries the
         baselines scored beside it (e.g. 'threshold').
-      checkpoints: stage -> {'step', 'latest_step', 'fell_back', 'trained_steps',
-        'num_steps'}.
+      checkpoints: stage -> {'step', 'latest_step', 'fell_back', 'selection' ('latest' |
+        'best_val'), 'val_loss' (of a best_val step), 'trained_steps', 'num_steps',
+        'finished_steps'} (`runs.load_models_and_steps`).
       reconstruction: healthy SSIM / PSNR / L1 and per-kind L1 ratios, or None.
       calibration: the prediction threshold and the post-processing (calibration.json).
       timing: 'score_seconds', 'compile_seconds', 'slices_scored', 'slices_per_second',

@@ -1,7 +1,8 @@
 """Run folders: where a trained run's stages live, and loading them back checked.
 
-Layout (see `uadjax.trainer`): <workdir>/config.json, <workdir>/<stage>/checkpoints/<step>/,
-and after evaluation <workdir>/eval/ (results.json, calibration.json, ...). A stage may live
+Layout (see `uadjax.trainer`): <workdir>/config.json, <workdir>/<stage>/checkpoints/<step>/
+(with `train.select_checkpoint = 'best_val'` also <workdir>/<stage>/best_checkpoint/<step>/,
+the step of lowest healthy-validation loss), and after evaluation <workdir>/eval/ (results.json, calibration.json, ...). A stage may live
 in another run folder (`config.stage_workdirs.<stage>`) and is then loaded, never trained.
 Evaluation, prediction and the benchmark load networks only through this module.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import ml_collections
@@ -21,6 +23,18 @@ from uadjax.methods.base import Stage
 from uadjax.train_state import init_state, merge, stage_config, stage_optimizer
 
 CONFIG_FILE = "config.json"
+BEST_DIR = "best_checkpoint"
+SELECTIONS = ("latest", "best_val")
+
+
+def checkpoint_selection(train_config) -> str:
+    """`train.select_checkpoint`: 'latest' (the last step) or 'best_val' (the step of lowest
+    healthy-validation loss, Behrendt's `ckpt_path: best`)."""
+    selection = train_config.get("select_checkpoint", "latest")
+    if selection not in SELECTIONS:
+        raise ValueError(f"train.select_checkpoint must be one of {SELECTIONS}, "
+                         f"got {selection!r}")
+    return selection
 
 
 def stage_dir(workdir: str, stage_name: str) -> str:
@@ -113,28 +127,44 @@ def load_stage_models(config, workdir: str, stage: Stage, *, use_ema: bool = Tru
 
 def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool = True,
                           require_finished: bool = False) -> tuple[nnx.Module, dict]:
-    """Rebuilds a trained stage's networks from its latest readable checkpoint.
+    """Rebuilds a trained stage's networks from its selected checkpoint: the latest readable
+    step, or with `train.select_checkpoint = 'best_val'` the best-validation copy (the
+    latest when the run kept none, e.g. it had no validation data: a warning says so).
 
     Returns:
-      (networks, {"directory", "step": the step folder restored, "latest_step": the newest
-      step folder on disk, "trained_steps": the optimiser steps in the restored state,
-      "num_steps": the steps the stage was configured to train}); "step" and "latest_step"
-      differ when newer checkpoints were unreadable (a warning names them), and results
-      computed from the networks should say so.
+      (networks, {"directory", "step": the step restored, "latest_step": the newest step
+      folder of that directory, "fell_back": step != latest_step (newer checkpoints were
+      unreadable; a warning names them, and results computed from the networks should say
+      so), "selection": 'latest' | 'best_val', "val_loss": the validation loss of a
+      best-validation step (else None), "trained_steps": the optimiser steps in the
+      restored state, "num_steps": the steps the stage was configured to train,
+      "finished_steps": the newest step of the stage's training checkpoints}).
 
     The optimiser state is restored with the structure of the optimiser the checkpoint was
     trained with (its saved config), so a stage trained elsewhere under another recipe loads.
 
     Raises:
       FileNotFoundError: the stage has no checkpoint.
-      RuntimeError: `require_finished` and the checkpoint is short of the stage's steps.
+      RuntimeError: `require_finished` and the training is short of the stage's steps.
     """
     config = stage_config(config, stage.name)
-    directory = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
-    if not checkpointing.has_checkpoint(directory):  # before orbax creates the folder
+    latest_dir = os.path.join(stage_dir(workdir, stage.name), "checkpoints")
+    if not checkpointing.has_checkpoint(latest_dir):  # before orbax creates the folder
         raise FileNotFoundError(
-            f"stage {stage.name!r} has no checkpoint in {directory}; train it first "
+            f"stage {stage.name!r} has no checkpoint in {latest_dir}; train it first "
             f"(`train --stage={stage.name}`, or `train` without --stage for all stages)")
+    directory, selection = latest_dir, checkpoint_selection(config.train)
+    if selection == "best_val":
+        best_dir = os.path.join(stage_dir(workdir, stage.name), BEST_DIR)
+        if checkpointing.has_checkpoint(best_dir):
+            directory = best_dir
+        elif not stage.is_statistics:
+            warnings.warn(f"{stage_dir(workdir, stage.name)}: select_checkpoint='best_val' "
+                          "but the run kept no best-validation checkpoint (no validation "
+                          "data?); using the latest step", stacklevel=2)
+            selection = "latest"
+        else:
+            selection = "latest"  # a statistics pass has no validation loss
     ckpt = checkpointing.Checkpointer(directory, asynchronous=False, read_only=True)
     try:
         saved = saved_config(ckpt)
@@ -145,18 +175,29 @@ def load_stage_checkpoint(config, workdir: str, stage: Stage, *, use_ema: bool =
                                       seed=config.seed)
         restored = restore_checked(ckpt, checkpointing.abstract_like(state), saved, config,
                                    stage=stage)
-        step = int(restored["step"])
+        record = ckpt.restore_selection(ckpt.restored_step) if selection == "best_val" else None
         provenance = {"directory": directory, "step": ckpt.restored_step,
-                      "latest_step": ckpt.latest_step(), "trained_steps": step,
+                      "latest_step": ckpt.latest_step(),
+                      "fell_back": ckpt.restored_step != ckpt.latest_step(),
+                      "selection": selection,
+                      "val_loss": float(record["value"]) if record else None,
+                      "trained_steps": int(restored["step"]),
                       "num_steps": int(train_cfg.num_steps)}
-        if require_finished and step < int(train_cfg.num_steps):
-            raise RuntimeError(
-                f"stage {stage.name!r} in {directory} stopped at step {step} of "
-                f"{int(train_cfg.num_steps)}; finish it before starting the stages after it")
     finally:
         ckpt.close()
+    provenance["finished_steps"] = (provenance["trained_steps"] if directory == latest_dir
+                                    else _latest_step_folder(latest_dir))
+    if require_finished and provenance["finished_steps"] < provenance["num_steps"]:
+        raise RuntimeError(
+            f"stage {stage.name!r} in {latest_dir} stopped at step "
+            f"{provenance['finished_steps']} of {provenance['num_steps']}; finish it before "
+            "starting the stages after it")
     params = restored["ema_params"] if use_ema else restored["params"]
     return merge(graphdef, params, restored["rest"]), provenance
+
+
+def _latest_step_folder(directory: str) -> int:
+    return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,15 +234,13 @@ def load_models(config, workdir: str) -> dict:
 
 def load_models_and_steps(config, workdir: str) -> tuple[dict, dict]:
     """(stage name -> networks, stage name -> {"step", "latest_step", "fell_back",
-    "trained_steps", "num_steps"}): which checkpoint each scoring stage was restored from
-    (an older step than the newest on disk when that one is unreadable), and how far it
-    was trained, for the results."""
+    "selection", "val_loss", "trained_steps", "num_steps", "finished_steps"}): which
+    checkpoint each scoring stage was restored from (the latest or the best-validation step;
+    an older step than the newest on disk when that one is unreadable), and how far it was
+    trained, for the results."""
     models, steps = {}, {}
     for stage in get_method(config.method).scoring_stages(config):
         models[stage.name], info = load_stage_checkpoint(
             config, stage_workdir(config, workdir, stage.name), stage)
-        steps[stage.name] = {"step": info["step"], "latest_step": info["latest_step"],
-                             "fell_back": info["step"] != info["latest_step"],
-                             "trained_steps": info["trained_steps"],
-                             "num_steps": info["num_steps"]}
+        steps[stage.name] = {k: v for k, v in info.items() if k != "directory"}
     return models, steps

@@ -10,6 +10,8 @@ produced it is not applied, so no checkpoint ever holds non-finite parameters.
 Workdir layout:
   <workdir>/config.json
   <workdir>/<stage>/checkpoints/<step>/   state, data_iter, config
+  <workdir>/<stage>/best_checkpoint/<step>/   with `train.select_checkpoint = 'best_val'`:
+                                          the step of lowest healthy-validation loss so far
   <workdir>/<stage>/metrics.jsonl, tb/    training and validation curves
 """
 
@@ -35,7 +37,9 @@ from uadjax.methods.base import Stage
 from uadjax.metric_writer import MetricWriter
 from uadjax.progress import progress_bar
 from uadjax.runs import (
+    BEST_DIR,
     check_same_method,
+    checkpoint_selection,
     is_external,
     load_stage_models,
     restore_checked,
@@ -161,6 +165,30 @@ def make_eval_loss_fn(stage: Stage, graphdef, config):
     return eval_fn
 
 
+class _BestKeeper:
+    """Keeps a copy of the step with the lowest validation loss in `<stage>/best_checkpoint`
+    (Behrendt: Lightning's ModelCheckpoint on the validation loss, tested with
+    `ckpt_path: best`). The best value so far is read back from that copy on resume, so a
+    killed run keeps the same choice."""
+
+    METRIC = "val/loss"
+
+    def __init__(self, directory: str):
+        self.ckpt = checkpointing.Checkpointer(os.path.join(directory, BEST_DIR), max_to_keep=1)
+        saved = self.ckpt.restore_selection()
+        self.value = float(saved["value"]) if saved else float("inf")
+
+    def offer(self, step: int, val_metrics: dict, state, config) -> None:
+        value = float(val_metrics.get("loss", float("nan")))
+        if np.isfinite(value) and value < self.value:
+            self.ckpt.save(step, state, config=config,
+                           selection={"metric": self.METRIC, "value": value, "step": step})
+            self.value = value
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
 class _SigtermFlag:
     """Turns SIGTERM into a flag the loop checks, so the run saves before it exits."""
 
@@ -204,6 +232,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     directory = stage_dir(workdir, stage.name)
     ckpt = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"),
                                       max_to_keep=tcfg.max_checkpoints)
+    best = (_BestKeeper(directory) if checkpoint_selection(tcfg) == "best_val"
+            and not stage.is_statistics else None)
     resuming = ckpt.latest_step() is not None
     check_same_data(directory, data.identity, resuming)
     if resuming:
@@ -216,6 +246,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
     num_steps = int(tcfg.num_steps)
     if start >= num_steps:
         ckpt.close()
+        if best is not None:
+            best.close()
         return {"state": state, "graphdef": graphdef, "step": start, "finished": True}
 
     base_key = jax.random.key(config.seed)
@@ -270,8 +302,10 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
                                        "sl_s": f"{means['slices_per_s']:.0f}"})
                 if (val_every and eval_fn is not None and data.val_batches is not None
                         and step % val_every == 0):
-                    writer.write(step, _validate(eval_fn, state, data.val_batches, mesh,
-                                                 base_key), split="val")
+                    val_metrics = _validate(eval_fn, state, data.val_batches, mesh, base_key)
+                    writer.write(step, val_metrics, split="val")
+                    if best is not None:
+                        best.offer(step, val_metrics, state, config)
                 if step % ckpt_every == 0 or step == last or sigterm.raised:
                     if not skip_non_finite:
                         _check_finite(state)
@@ -284,6 +318,8 @@ def train_stage(stage: Stage, config, workdir: str, data: TrainData, *, earlier=
         bar.close()
         writer.close()
         ckpt.close()
+        if best is not None:
+            best.close()
     return {"state": state, "graphdef": graphdef, "step": step, "finished": step >= num_steps}
 
 
