@@ -291,8 +291,9 @@ def test_ema_warmup_formula():
 def test_best_validation_checkpoint_is_kept_selected_and_recorded(tiny_run, tmp_path):
     """select_checkpoint='best_val' (Behrendt's `ckpt_path: best`): the kept step is the
     argmin of the logged validation losses, also across a resume whose later steps are worse
-    (resumed with a negative learning rate: gradient ascent); it holds the same parameters as a run stopped at that step; evaluation
-    uses it and results.json names the selection, the step and its loss."""
+    (resumed with a negative learning rate: gradient ascent); it holds the same parameters
+    as a run stopped at that step; evaluation uses it and results.json names the selection,
+    the step and its loss."""
     config = _tiny_config(tiny_run, num_steps=3, checkpoint_every_steps=1, val_every_steps=1,
                           log_every_steps=1, select_checkpoint="best_val")
     workdir = str(tmp_path / "best")

@@ -2,9 +2,10 @@
 
 Layout (see `uadjax.trainer`): <workdir>/config.json, <workdir>/<stage>/checkpoints/<step>/
 (with `train.select_checkpoint = 'best_val'` also <workdir>/<stage>/best_checkpoint/<step>/,
-the step of lowest healthy-validation loss), and after evaluation <workdir>/eval/ (results.json, calibration.json, ...). A stage may live
-in another run folder (`config.stage_workdirs.<stage>`) and is then loaded, never trained.
-Evaluation, prediction and the benchmark load networks only through this module.
+the step of lowest healthy-validation loss), and after evaluation <workdir>/eval/
+(results.json, calibration.json, ...). A stage may live in another run folder
+(`config.stage_workdirs.<stage>`) and is then loaded, never trained. Evaluation, prediction
+and the benchmark load networks only through this module.
 """
 
 from __future__ import annotations
