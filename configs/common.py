@@ -134,8 +134,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     t = config.train
     t.batch_size = 32             # global batch (split over all devices)
     t.num_steps = 19200           # Behrendt: 1600 epochs x 12 batches of 32
-    t.optimizer = "adam"          # 'adam' | 'adamw'
-    t.learning_rate = 1e-4
+    t.optimizer = "adam"          # 'adam' | 'adamw'; Behrendt's code: Adam (DDPM_2D.py)
+    t.learning_rate = 1e-4        # Behrendt's code: configs/datamodule/IXI.yaml lr 0.0001
     t.weight_decay = 0.0          # adamw only
     t.b1 = 0.9
     t.b2 = 0.999

@@ -4,7 +4,10 @@ Usage: --config=configs/ddpm.py:<size>[,modifier...]
   size      paper | cpu | tiny (see configs/common.py)
   modifiers ens       t_test ensemble {250, 500, 750} (DDPM-ENS)
             gaussian  Gaussian instead of simplex noise (the plain DDPM row)
-            anoddpm   AnoDDPM: linear schedule, eps prediction, L2, partial diffusion from 250
+            anoddpm   AnoDDPM: linear schedule, eps prediction, L2, 3D simplex noise at z = t,
+                      partial diffusion from 250 with the fixed-large variance
+            anoddpm_net  (paper size, with anoddpm) AnoDDPM's network and recipe: 6-level
+                      UNet, AdamW, gradient clipping at 1, EMA 0.9999
             flair     train and test on FLAIR instead of T2
 """
 
@@ -43,7 +46,7 @@ def diffusion_config(size: str) -> ml_collections.ConfigDict:
     d.prediction = "x0"            # 'x0' | 'eps' | 'v'
     d.loss = "l1"                  # 'l1' | 'l2'
     d.loss_in_brain = False
-    d.noise = "simplex"            # 'simplex' | 'gaussian'
+    d.noise = "simplex"            # 'simplex' (2D, Behrendt) | 'simplex_3d' | 'gaussian'
     d.simplex_octaves = 6
     d.simplex_persistence = 0.8
     d.simplex_frequency = 64.0
@@ -55,11 +58,38 @@ def diffusion_config(size: str) -> ml_collections.ConfigDict:
     d.partial_t_start = 249        # 0-based; AnoDDPM lambda = 250
     d.partial_sampler = "ddpm"
     d.partial_num_steps = None     # None = every step from t_start to 0
+    d.partial_variance = "fixed_small"  # reverse variance: posterior ('fixed_small') or beta_t
     d.residual = "l1"              # |x - rec| ('l2': squared)
     return d
 
 
-MODIFIERS = frozenset({"ens", "gaussian", "anoddpm", "flair"})
+MODIFIERS = frozenset({"ens", "gaussian", "anoddpm", "anoddpm_net", "flair"})
+
+
+def anoddpm_network_and_recipe(config: ml_collections.ConfigDict) -> None:
+    """AnoDDPM's UNet and optimiser (Julian-Wyatt/AnoDDPM, test_args/args28.json, the paper's
+    simplex model, and diffusion_training.py). Departures: their 256 px slices at batch 1 for
+    3,000 x 100 steps become our 96 px paper slices at the paper batch and steps; our EMA
+    warms up (min(decay, (1 + step) / (10 + step))), theirs starts at 0.9999."""
+    m = config.model
+    m.base_channels = 128
+    m.channel_mult = (1, 1, 2, 2, 4, 4)  # UNet.py for 256 px: 6 levels
+    m.num_res_blocks = 2
+    m.resblock_updown = True             # BigGAN ResBlock down/up-sampling
+    # diffusion_training.py never passes args28's "16,8" to the UNet, so its default
+    # "32,16,8" applies: attention at downsample factors 8, 16 and 32.
+    m.attention_resolutions = (8, 16, 32)
+    m.use_middle_attention = True
+    m.num_heads = 2
+    m.num_head_channels = -1             # heads by count (n_head_channels -1)
+    m.dropout = 0.0
+    t = config.train
+    t.optimizer = "adamw"                # optim.AdamW(lr=1e-4, weight_decay=0.0)
+    t.learning_rate = 1e-4
+    t.weight_decay = 0.0
+    t.b1, t.b2 = 0.9, 0.999
+    t.grad_clip = 1.0                    # clip_grad_norm_(model.parameters(), 1)
+    t.ema_decay = 0.9999                 # EMA of the parameters, every step
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -87,11 +117,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "gaussian" in modifiers:
         d.noise = "gaussian"
     if "anoddpm" in modifiers:
+        # Julian-Wyatt/AnoDDPM, GaussianDiffusion.py: linear betas, eps prediction, L2, the
+        # z = t slice of 3D simplex noise for training and for every sampling step
+        # (generate_simplex_noise -> simplex.py::rand_3d_fixed_T_octaves), and the reverse
+        # variance append(posterior_variance[1], betas[1:]): beta_t for t >= 1 (at t = 0 no
+        # noise is added, so the first entry never matters): our 'fixed_large'.
         d.schedule = "linear"
         d.prediction = "eps"
         d.loss = "l2"
+        if "gaussian" not in modifiers:
+            d.noise = "simplex_3d"
         d.train_t_range = (0, 799)
         d.score_mode = "partial"
+        d.partial_variance = "fixed_large"
         d.residual = "l2"
+    if "anoddpm_net" in modifiers:
+        if size != "paper" or "anoddpm" not in modifiers:
+            raise ValueError("anoddpm_net is AnoDDPM's paper-size network and recipe: use it "
+                             "as ddpm.py:paper,anoddpm,anoddpm_net")
+        anoddpm_network_and_recipe(config)
     common.apply_common_modifiers(config, modifiers)
     return config

@@ -126,8 +126,14 @@ def test_masked_pretraining_loss_ignores_visible_units():
 def test_config_variants_and_stage_overrides():
     paper = cddpm_config.get_config("paper")
     code = cddpm_config.get_config("paper,code")
-    assert (paper.model.cond_dim, paper.train.learning_rate) == (128, 1e-5)
+    # One learning rate for the DDPM family at paper size (the code's Adam 1e-4); the
+    # paper's 1e-5 is a modifier.
+    assert (paper.model.cond_dim, paper.train.learning_rate) == (128, 1e-4)
     assert (code.model.cond_dim, code.train.learning_rate) == (512, 1e-4)
+    assert cddpm_config.get_config("paper,paperlr").train.learning_rate == 1e-5
+    from configs import ddpm, pddpm
+    for family in (ddpm.get_config("paper"), pddpm.get_config("paper")):
+        assert (family.train.optimizer, family.train.learning_rate) == ("adam", 1e-4)
     assert cddpm_config.get_config("cpu,ens").diffusion.test_timesteps == (249, 499, 749)
     method = get_method("cddpm")
     assert [s.name for s in method.active_stages(paper)] == ["pretrain", "diffusion"]

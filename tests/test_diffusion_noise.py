@@ -103,6 +103,23 @@ def test_simplex_3d_varies_smoothly_with_t():
     np.testing.assert_allclose(traced.ravel(), n0, atol=1e-6)
 
 
+def test_simplex_3d_per_item_timesteps_equal_a_loop_of_scalar_calls():
+    """A [B] t (training: one t per slice) gives item b the z = t_b slice of the same
+    fields a scalar call draws; without t the generator refuses."""
+    key = jax.random.key(7)
+    shape = (3, 16, 16, 2)
+    ts = [5, 250, 900]
+    for shared in (True, False):
+        batch = D.simplex_noise_3d(key, shape, jnp.asarray(ts), shared_across_batch=shared)
+        for b, t in enumerate(ts):
+            ref = D.simplex_noise_3d(key, shape, t=t, shared_across_batch=shared)[b]
+            np.testing.assert_allclose(batch[b], ref, atol=1e-6)
+    equal = D.simplex_noise_3d(key, shape, jnp.full((3,), 250))
+    np.testing.assert_allclose(equal, D.simplex_noise_3d(key, shape, t=250), atol=1e-6)
+    with pytest.raises(ValueError, match="needs the timestep"):
+        D.simplex_noise_3d(key, shape)
+
+
 def test_gaussian_noise():
     n = D.gaussian_noise(jax.random.key(0), (8, 32, 32, 1))
     assert n.dtype == jnp.float32 and n.shape == (8, 32, 32, 1)

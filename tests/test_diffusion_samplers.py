@@ -44,7 +44,7 @@ def test_ddpm_step_matches_monai(monai, name):
         x0 = D.to_x0(sch, prediction=eps, x_t=x_t, t=t, prediction_type="eps")
         _close(x0, _nhwc(step["pred_original_sample"]))
         prev = D.ddpm_step(
-            sch, x_t=x_t, t=t, x0_pred=x0, key=jax.random.key(0), noise_fn=lambda k, s, vn=vn: vn
+            sch, x_t=x_t, t=t, x0_pred=x0, key=jax.random.key(0), noise_fn=lambda k, s, t, vn=vn: vn
         )
         _close(prev, _nhwc(step["prev_sample"]))
 
@@ -89,7 +89,7 @@ def test_ddpm_step_noise_and_variances():
     sch = D.get_schedule("linear", 100)
     x_t = jnp.full((2, 3, 3, 1), 0.3)
     x0 = jnp.full((2, 3, 3, 1), -0.2)
-    ones = lambda k, s: jnp.ones(s)
+    ones = lambda k, s, t: jnp.ones(s)
     t = jnp.array([0, 40])
     mean, var, _ = D.q_posterior(sch, x0=x0, x_t=x_t, t=t)
     small = D.ddpm_step(sch, x_t=x_t, t=t, x0_pred=x0, key=jax.random.key(0), noise_fn=ones)

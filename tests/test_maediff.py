@@ -245,8 +245,8 @@ def _loop_reconstruction(model, x0, key, config):
     cols = list(range(0, width - pcfg.size + 1, pcfg.stride))
     recs = []
     for t_value, k in zip(dcfg.test_timesteps, jax.random.split(key, len(dcfg.test_timesteps))):
-        noise = noise_fn(k, x0.shape)
         t = jnp.full((b,), t_value, jnp.int32)
+        noise = noise_fn(k, x0.shape, t)
         x_t_full = np.asarray(diffusion.q_sample(schedule, x0=x0, t=t, noise=noise))
         total = np.zeros(x0.shape, np.float32)
         count = np.zeros(x0.shape, np.float32)

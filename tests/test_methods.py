@@ -65,7 +65,7 @@ def test_single_step_ensemble_equals_a_loop():
     recs = []
     for t_value, k in zip(config.diffusion.test_timesteps, keys):
         t = jnp.full((2,), t_value, jnp.int32)
-        x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise_fn(k, x0.shape))
+        x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise_fn(k, x0.shape, t))
         recs.append((x_t * 0.5 + 1) / 2)
     rec = np.mean(recs, axis=0)
     np.testing.assert_allclose(out["reconstruction"], rec, rtol=1e-5, atol=1e-6)

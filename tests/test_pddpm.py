@@ -139,8 +139,8 @@ def _loop_reconstruction(model, x0, key, config):
     keys = jax.random.split(key, len(dcfg.test_timesteps))
     recs = []
     for t_value, k in zip(dcfg.test_timesteps, keys):
-        noise = noise_fn(k, x0.shape)
         t = jnp.full((x0.shape[0],), t_value, jnp.int32)
+        noise = noise_fn(k, x0.shape, t)
         x_t_full = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
         total = np.zeros(x0.shape, np.float32)
         for mask in masks:

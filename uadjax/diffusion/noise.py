@@ -1,8 +1,10 @@
 """Noise generators for the forward process: Gaussian and multi-octave (legacy) OpenSimplex.
 
-Every generator has the signature `noise_fn(key, shape) -> array` (extra options bound with
-`functools.partial`), draws all its randomness from `key`, and traces under `jax.jit` with a
-static `shape`.
+Every generator has the signature `noise_fn(key, shape, t=None) -> array` (extra options bound
+with `functools.partial`), draws all its randomness from `key`, and traces under `jax.jit`
+with a static `shape`. `t` is the diffusion timestep the noise is drawn for (scalar or `[B]`):
+every caller passes it, and only AnoDDPM's `simplex_noise_3d` (a z = t slice of 3D noise)
+uses it.
 
 The simplex noise is a vectorised `jnp` port of Kurt Spencer's legacy OpenSimplex (the
 algorithm of pip `opensimplex` 0.4.x and of the numba fork used by Behrendt pDDPM / cDDPM and
@@ -53,12 +55,13 @@ _OFFSETS_3D = np.array(
 # fmt: on
 
 
-def gaussian_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def gaussian_noise(key: jax.Array, shape: tuple[int, ...], t=None) -> jax.Array:
     """Standard normal noise.
 
     Args:
         key: JAX PRNG key.
         shape: output shape, e.g. `(B, H, W, C)`.
+        t: ignored (the noise does not depend on the timestep).
 
     Returns:
         float32 array of `shape`, N(0, 1) entries.
@@ -293,6 +296,7 @@ def _simplex_batch(key, shape, *, octaves, persistence, frequency, shared_across
 def simplex_noise(
     key: jax.Array,
     shape: tuple[int, int, int, int],
+    t=None,
     *,
     octaves: int = 6,
     persistence: float = 0.8,
@@ -304,6 +308,7 @@ def simplex_noise(
     Args:
         key: JAX PRNG key; each map's permutation table is drawn from it.
         shape: `(B, H, W, C)`, static.
+        t: ignored (2D noise does not depend on the timestep).
         octaves: number of octaves (6).
         persistence: amplitude factor per octave (0.8).
         frequency: first octave's period in pixels (64), halved every octave.
@@ -331,8 +336,8 @@ def simplex_noise(
 def simplex_noise_3d(
     key: jax.Array,
     shape: tuple[int, int, int, int],
+    t: jax.Array | int | None = None,
     *,
-    t: jax.Array | int,
     octaves: int = 6,
     persistence: float = 0.8,
     frequency: float = 64.0,
@@ -340,26 +345,43 @@ def simplex_noise_3d(
 ) -> jax.Array:
     """AnoDDPM's simplex noise: a z = t slice of 3D octave noise, noise3(x/f, y/f, t/f).
 
-    Use `functools.partial(simplex_noise_3d, t=t)` to get a `noise_fn(key, shape)`.
+    AnoDDPM (`simplex.py::rand_3d_fixed_T_octaves`) draws, for each channel, one 3D noise
+    field and takes its slice at the diffusion timestep being noised or sampled. A `[B]` t
+    gives each batch item the slice at its own t; with `shared_across_batch` the items share
+    the field (one permutation table per channel), so equal t give equal maps.
 
     Args:
         key: JAX PRNG key.
         shape: `(B, H, W, C)`, static.
-        t: scalar diffusion timestep (int or traced scalar), the third coordinate.
+        t: scalar or `[B]` diffusion timestep, the third coordinate (required).
         octaves: number of octaves (6).
         persistence: amplitude factor per octave (0.8).
         frequency: first octave's period in pixels (64).
         shared_across_batch: as in `simplex_noise` (AnoDDPM repeats one map over the batch).
 
     Returns:
-        `[B, H, W, C]` float32 noise, not normalised.
+        `[B, H, W, C]` float32 noise, not normalised (per-map std about 0.48).
+
+    Raises:
+        ValueError: without t.
     """
-    return _simplex_batch(
-        key,
-        shape,
-        octaves=octaves,
-        persistence=persistence,
-        frequency=frequency,
-        shared_across_batch=shared_across_batch,
-        z=t,
-    )
+    if t is None:
+        raise ValueError("simplex_noise_3d needs the timestep t (the z coordinate of the slice)")
+    t = jnp.asarray(t, jnp.float32)
+    options = dict(octaves=octaves, persistence=persistence, frequency=frequency)
+    if t.ndim == 0:
+        return _simplex_batch(key, shape, shared_across_batch=shared_across_batch, z=t,
+                              **options)
+    b, h, w, c = shape
+    if t.shape != (b,):
+        raise ValueError(f"t must be a scalar or [B] = [{b}], got shape {t.shape}")
+    keys = jax.random.split(key, c if shared_across_batch else b * c)
+    perms = jax.vmap(perm_from_key)(keys)  # [n_tables, 256]
+    perms = (jnp.broadcast_to(perms[None], (b, c, 256)) if shared_across_batch
+             else perms.reshape(b, c, 256))
+
+    def one(perm, z):
+        return simplex_octaves(perm=perm, height=h, width=w, z=z, **options)
+
+    maps = jax.vmap(jax.vmap(one, in_axes=(0, None)))(perms, t)  # [B, C, H, W]
+    return jnp.transpose(maps, (0, 2, 3, 1))

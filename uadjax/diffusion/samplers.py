@@ -2,8 +2,9 @@
 
 The network is injected as `model_fn(x_t [B, H, W, C], t [B] int32) -> prediction [B, H, W, C]`
 (an x0, eps or v prediction, see `prediction_type`). Noise functions have the signature
-`noise_fn(key, shape) -> [*shape] float32` (`gaussian_noise`, or `functools.partial(
-simplex_noise, ...)`). All functions trace under `jax.jit`; chain lengths are static.
+`noise_fn(key, shape, t) -> [*shape] float32` (`gaussian_noise`, or `functools.partial(
+simplex_noise, ...)`; t [B] is the timestep being noised or sampled, which only AnoDDPM's
+`simplex_noise_3d` uses). All functions trace under `jax.jit`; chain lengths are static.
 Randomness: step i of a chain uses `jax.random.fold_in(key, i)`.
 """
 
@@ -20,7 +21,7 @@ from uadjax.diffusion.noise import gaussian_noise
 from uadjax.diffusion.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-NoiseFn = Callable[[jax.Array, tuple], jax.Array]
+NoiseFn = Callable[[jax.Array, tuple, jax.Array], jax.Array]
 
 
 def clip_x0_fn(x0: jax.Array, clip_x0: float | tuple[float, float] | None) -> jax.Array:
@@ -61,7 +62,7 @@ def ddpm_step(
         t: `[B]` (or scalar) int timesteps, 0 <= t < T.
         x0_pred: `[B, H, W, C]` x0 estimate (see `to_x0`).
         key: PRNG key for the step noise.
-        noise_fn: `noise_fn(key, shape)`; AnoDDPM uses simplex noise here.
+        noise_fn: `noise_fn(key, shape, t)`; AnoDDPM uses 3D simplex noise at z = t here.
         variance: 'fixed_small' (sigma^2 = posterior variance; MONAI default) or 'fixed_large'
             (sigma^2 = beta_t; AnoDDPM / guided-diffusion `sigma_small=False`).
         clip_x0: None, c (clip x0_pred to [-c, c]) or (lo, hi), applied before the mean.
@@ -81,7 +82,7 @@ def ddpm_step(
         var = extract(schedule.betas, t, x_t.ndim)
     else:
         raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
-    noise = noise_fn(key, x_t.shape).astype(x_t.dtype)
+    noise = noise_fn(key, x_t.shape, t).astype(x_t.dtype)
     nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return mean + nonzero * jnp.sqrt(var) * noise
 
@@ -114,7 +115,7 @@ def ddim_step(
         x0_pred: `[B, H, W, C]` x0 estimate.
         eta: stochasticity in [0, 1]; 0 is deterministic.
         key: PRNG key for the noise; required unless eta is the Python number 0.
-        noise_fn: `noise_fn(key, shape)`.
+        noise_fn: `noise_fn(key, shape, t)`.
         clip_x0: None, c or (lo, hi), applied to x0_pred first.
 
     Returns:
@@ -145,7 +146,7 @@ def ddim_step(
     # sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
     sigma2 = (eta**2) * om_prev / om_t * (om_t - om_prev) / ab_prev
     dir_coef = jnp.sqrt(jnp.maximum(om_prev - sigma2, 0.0))
-    noise = noise_fn(key, x_t.shape).astype(x_t.dtype)
+    noise = noise_fn(key, x_t.shape, t).astype(x_t.dtype)
     return jnp.sqrt(ab_prev) * x0_pred + dir_coef * eps + jnp.sqrt(sigma2) * noise
 
 
@@ -229,7 +230,7 @@ def sample_loop(
         eta: DDIM stochasticity (ignored by 'ddpm').
         prediction_type: what model_fn predicts: 'x0', 'eps' or 'v'.
         clip_x0: None, c or (lo, hi) clip of the x0 estimate at each step.
-        noise_fn: `noise_fn(key, shape)` for the step noise.
+        noise_fn: `noise_fn(key, shape, t)` for the step noise.
         variance: DDPM variance, 'fixed_small' or 'fixed_large'.
 
     Returns:
@@ -329,9 +330,10 @@ def partial_diffusion(
 ) -> jax.Array:
     """AnoDDPM partial diffusion: noise x0 to t_start, then run the reverse chain to 0.
 
-    x_{t_start} = q_sample(x0, t_start, noise_fn(k0, shape)) with k0, k1 = split(key); the chain
-    then uses `sample_loop(..., key=k1)`. AnoDDPM's lambda = 250 is t_start = 249, with
-    noise_fn = simplex, prediction_type = 'eps', clip_x0 = 1 and variance = 'fixed_large'.
+    x_{t_start} = q_sample(x0, t_start, noise_fn(k0, shape, t_start)) with
+    k0, k1 = split(key); the chain then uses `sample_loop(..., key=k1)`. AnoDDPM's
+    lambda = 250 is t_start = 249, with noise_fn = simplex_noise_3d, prediction_type = 'eps',
+    clip_x0 = 1 and variance = 'fixed_large' (`configs/ddpm.py:...,anoddpm`).
 
     Args:
         model_fn: `model_fn(x_t, t) -> prediction`.
@@ -339,7 +341,7 @@ def partial_diffusion(
         x0: `[B, H, W, C]` input images.
         t_start: static int, 0 <= t_start < T, the 0-based timestep to noise to.
         key: PRNG key.
-        noise_fn: `noise_fn(key, shape)`, used for the initial noise and every step.
+        noise_fn: `noise_fn(key, shape, t)`, used for the initial noise and every step.
         sampler: 'ddpm' (all t_start + 1 steps) or 'ddim'.
         prediction_type: 'x0', 'eps' or 'v'.
         clip_x0: None, c or (lo, hi).
@@ -359,7 +361,7 @@ def partial_diffusion(
         timesteps = np.arange(t_start, -1, -1, dtype=np.int32)
     k0, k1 = jax.random.split(key)
     tb = jnp.full((x0.shape[0],), t_start, jnp.int32)
-    x_t = q_sample(schedule, x0=x0, t=tb, noise=noise_fn(k0, x0.shape).astype(x0.dtype))
+    x_t = q_sample(schedule, x0=x0, t=tb, noise=noise_fn(k0, x0.shape, tb).astype(x0.dtype))
     return sample_loop(
         model_fn,
         schedule,

@@ -308,7 +308,7 @@ def diffusion_loss_fn(model: LatentDiffusion, batch, key, config):
     schedule = shared.schedule_of(config)
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = shared.sample_train_t(k_t, z0.shape[0], dcfg)
-    noise = shared.noise_fn_of(dcfg)(k_noise, z0.shape)
+    noise = shared.noise_fn_of(dcfg)(k_noise, z0.shape, t)
     z_t = diffusion.q_sample(schedule, x0=z0, t=t, noise=noise)
     pred = model.unet(z_t, t, deterministic=False, rngs=nnx.Rngs(dropout=k_drop))
     target = diffusion.target_for(dcfg.prediction, z0, noise, schedule, t)

@@ -147,7 +147,7 @@ def loss_fn(model, batch, key, config):
     batch_size, height, width, _ = x0.shape
     k_t, k_noise, k_box, k_drop = jax.random.split(key, 4)
     t = shared.sample_train_t(k_t, batch_size, dcfg)
-    noise = shared.noise_fn_of(dcfg)(k_noise, x0.shape)
+    noise = shared.noise_fn_of(dcfg)(k_noise, x0.shape, t)
     corners = sample_corners(k_box, batch_size, (height, width), pcfg)
     mask = box_masks(corners, (height, width), pcfg.size)[..., None]  # [B, H, W, 1]
     x_t = shared.noise_patch(schedule, x0=x0, t=t, noise=noise, mask=mask)

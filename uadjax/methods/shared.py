@@ -35,16 +35,22 @@ def schedule_of(config):
     return diffusion.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
 
+NOISES = ("gaussian", "simplex", "simplex_3d")
+
+
 def noise_fn_of(dcfg):
-    """noise_fn(key, shape) for `dcfg.noise` in {'gaussian', 'simplex'}."""
+    """noise_fn(key, shape, t) for `dcfg.noise`: 'gaussian', 'simplex' (2D multi-octave,
+    Behrendt) or 'simplex_3d' (AnoDDPM: the z = t slice of 3D multi-octave noise)."""
     if dcfg.noise == "gaussian":
         return diffusion.gaussian_noise
-    if dcfg.noise == "simplex":
+    if dcfg.noise in ("simplex", "simplex_3d"):
+        generator = (diffusion.simplex_noise if dcfg.noise == "simplex"
+                     else diffusion.simplex_noise_3d)
         return functools.partial(
-            diffusion.simplex_noise, octaves=dcfg.simplex_octaves,
+            generator, octaves=dcfg.simplex_octaves,
             persistence=dcfg.simplex_persistence, frequency=dcfg.simplex_frequency,
             shared_across_batch=dcfg.simplex_shared)
-    raise ValueError(f"unknown noise {dcfg.noise!r}; use 'gaussian' or 'simplex'")
+    raise ValueError(f"unknown noise {dcfg.noise!r}; use one of {NOISES}")
 
 
 def to_model_range(image):
@@ -89,7 +95,7 @@ def denoising_loss(apply_fn, batch, key, config):
     x0 = to_model_range(batch["image"])
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = sample_train_t(k_t, x0.shape[0], dcfg)
-    noise = noise_fn_of(dcfg)(k_noise, x0.shape)
+    noise = noise_fn_of(dcfg)(k_noise, x0.shape, t)
     x_t = diffusion.q_sample(schedule, x0=x0, t=t, noise=noise)
     prediction = apply_fn(x_t, t, nnx.Rngs(dropout=k_drop))
     target = diffusion.target_for(dcfg.prediction, x0, noise, schedule, t)
@@ -116,7 +122,7 @@ def reconstruct(model_fn, x0, key, config):
             t_value, k = variant
             t = jnp.full((x0.shape[0],), t_value, jnp.int32)
             return diffusion.reconstruct_single_step(
-                model_fn, schedule, x0=x0, t=t, noise=noise_fn(k, x0.shape),
+                model_fn, schedule, x0=x0, t=t, noise=noise_fn(k, x0.shape, t),
                 prediction_type=dcfg.prediction)
 
         recs = sweep(one_t, (timesteps, keys), chunk_size=dcfg.get("sweep_chunk", None))
@@ -126,7 +132,7 @@ def reconstruct(model_fn, x0, key, config):
             model_fn, schedule, x0=x0, t_start=int(dcfg.partial_t_start), key=key,
             noise_fn=noise_fn, sampler=dcfg.partial_sampler,
             num_steps=dcfg.get("partial_num_steps", None), prediction_type=dcfg.prediction,
-            clip_x0=(-1.0, 1.0))
+            clip_x0=(-1.0, 1.0), variance=dcfg.get("partial_variance", "fixed_small"))
     raise ValueError(f"unknown score_mode {dcfg.score_mode!r}; use 'single_step' or 'partial'")
 
 
@@ -224,7 +230,9 @@ def patch_sweep_reconstruct(predict, x0, masks, key, config):
     num_t, num_p = timesteps.shape[0], masks.shape[0]
     # One noise map per t, shared by every patch position (and, for shared simplex noise,
     # every slice): [T, B, H, W, C].
-    noises = jnp.stack([noise_fn(k, x0.shape) for k in jax.random.split(key, num_t)])
+    noises = jnp.stack([noise_fn(k, x0.shape, jnp.full((x0.shape[0],), t, jnp.int32))
+                        for k, t in zip(jax.random.split(key, num_t), dcfg.test_timesteps,
+                                        strict=True)])
     t_index, p_index = jnp.meshgrid(jnp.arange(num_t), jnp.arange(num_p), indexing="ij")
 
     def one_variant(variant):
