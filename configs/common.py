@@ -172,6 +172,9 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     e.min_component_size = 8      # connected components smaller than this are removed; 0 off
     e.threshold_steps = 10        # greedy threshold search steps on the lesion validation set
     e.fprs = (0.01, 0.05, 0.1)    # label-free thresholds at these healthy false-positive rates
+    # ... counted over the eroded brain ('brain') or every voxel, background included ('all':
+    # Behrendt's utils_eval.py::_test_end, which logs them; its Dice uses the 'val' search).
+    e.fpr_voxels = "brain"
     e.num_figures = 4             # subjects shown in the report per lesion kind
     e.baseline = True             # also evaluate the intensity-threshold baseline
     # Splits scored; the lesion splits give Dice/AUPRC, the healthy ones the label-free

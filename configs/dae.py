@@ -36,7 +36,8 @@ def unet_config(size: str, channels: int) -> ml_collections.ConfigDict:
     m.dropout = 0.0
     m.use_scale_shift_norm = True  # no embedding, so unused
     # Resampling layers between the levels: stride-2 conv down, nearest + conv up (the
-    # authors: max-pooling, transposed conv).
+    # authors: 2x2 average pooling, F.avg_pool2d in unet.py::UNet.forward_down, and
+    # transposed convs).
     m.resblock_updown = False
     m.conv_resample = True
     m.use_timestep = False

@@ -94,6 +94,31 @@ def test_noisy_score_map_matches_sklearn():
         assert np.mean(healthy > results["fpr_thresholds"][f"fpr@{rate:g}"]) <= rate
 
 
+def test_fpr_thresholds_over_the_brain_or_every_voxel():
+    """'all' counts the background too (Behrendt's _test_end): at the threshold at most a
+    fraction r of every voxel of the post-processed healthy validation volumes lies above
+    it, and more than r at or above it; the background zeros dilute the false positives,
+    so the threshold is lower than over the brain."""
+    rng = np.random.default_rng(4)
+    splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)
+    for split in splits.values():
+        for v in split.values():
+            v.brain_mask[:, :4] = False  # some background
+    brain, _ = protocol.evaluate_scores(splits, _eval_cfg(erode_iterations=1),
+                                        spacing=(1, 1, 1))
+    every, _ = protocol.evaluate_scores(splits, _eval_cfg(erode_iterations=1,
+                                                          fpr_voxels="all"), spacing=(1, 1, 1))
+    processed = protocol.postprocess_splits(splits, _eval_cfg(erode_iterations=1))
+    healthy = np.concatenate([processed[sid].ravel() for sid in splits[schema.VAL_HEALTHY]])
+    for rate in (0.01, 0.1):
+        key = f"fpr@{rate:g}"
+        threshold = every["fpr_thresholds"][key]
+        assert np.mean(healthy > threshold) <= rate < np.mean(healthy >= threshold)
+        assert threshold < brain["fpr_thresholds"][key]
+    with pytest.raises(ValueError, match="fpr_voxels"):
+        protocol.evaluate_scores(splits, _eval_cfg(fpr_voxels="background"), spacing=(1, 1, 1))
+
+
 def test_postprocessing_switches_are_applied():
     rng = np.random.default_rng(2)
     splits = _splits(lambda seg: seg * 0.5 + rng.random(seg.shape).astype(np.float32), rng)

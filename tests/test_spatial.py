@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from uadjax.data import spatial
+from uadjax.data import datasets, spatial
 from uadjax.data.nifti import Volume
 from uadjax.data.phantom_template import load_template
 from uadjax.data.schema import DataError
@@ -294,6 +294,18 @@ def test_standardise_subject_without_registration_keeps_grids(subject):
     np.testing.assert_array_equal(out["seg"][0], seg.data)
     np.testing.assert_array_equal(out["t1"][0], vols["t1"].data * mask.data)
     assert out["pd"][0].shape == (64, 74, 64) and np.any(out["pd"][0])
+    # Behrendt's reader smooths each image with CurvatureFlow (time step 0.125, 3
+    # iterations); masks and labels stay as they were.
+    smooth = spatial.standardise_subject(
+        vols, seg, mask, spatial.SpatialOptions(skull_strip=True, curvature_flow=True))
+    reference = sitk.CurvatureFlow(
+        image1=spatial.to_sitk(out["t1"][0], out["t1"][1]), timeStep=0.125,
+        numberOfIterations=3)
+    np.testing.assert_allclose(smooth["t1"][0], spatial.from_sitk(reference)[0], atol=1e-6)
+    assert not np.allclose(smooth["t1"][0], out["t1"][0], atol=1e-3)
+    np.testing.assert_array_equal(smooth["brainmask"][0], mask.data)
+    np.testing.assert_array_equal(smooth["seg"][0], seg.data)
+    assert "curvature_flow" in datasets.get_preset("behrendt").spatial
 
 
 def test_standardise_subject_errors(subject):

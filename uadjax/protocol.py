@@ -8,7 +8,10 @@ literature's alternatives reported beside it and labelled:
   - threshold 'val': greedy search on the lesion validation volumes of the same lesion kind
     (the fair protocol, the default everywhere);
   - threshold 'oracle': the best pooled-Dice threshold on the test volumes themselves;
-  - thresholds 'fpr@r': label-free, at false-positive rate r on healthy validation volumes;
+  - thresholds 'fpr@r': label-free, at false-positive rate r on healthy validation volumes,
+    over their eroded brain (`eval.fpr_voxels = 'brain'`) or, as Behrendt's
+    `utils_eval.py::_test_end` computes (and only logs) them, over every voxel of the
+    volume, background included ('all');
   - per-volume metrics (mean and std over volumes), pooled metrics over all voxels, and the
     false-positive volume on healthy test subjects.
 The job that scores the splits and writes the outputs is `uadjax.evaluation`.
@@ -34,6 +37,7 @@ from uadjax.data import schema
 from uadjax.inference import postprocess
 from uadjax.inference.scoring import ScoredVolume
 
+FPR_VOXELS = ("brain", "all")  # where the label-free fpr@r thresholds count false positives
 DEFAULT_MAX_POOLED_VOXELS = 1 << 24  # 16.8 M voxels: 84 MB per pool of float32 score + label
 
 
@@ -159,9 +163,15 @@ def evaluate_scores(split_volumes: dict[str, Mapping[str, ScoredVolume]], ecfg, 
     test_healthy = split_volumes.get(schema.TEST_HEALTHY, {})
 
     fpr_thresholds = {}
+    fpr_voxels = ecfg.get("fpr_voxels", "brain")
+    if fpr_voxels not in FPR_VOXELS:
+        raise ValueError(f"eval.fpr_voxels must be one of {FPR_VOXELS}, got {fpr_voxels!r}")
     if val_healthy:
         pool = PooledVoxels(cap, seed=1)
         for sid in val_healthy:
+            if fpr_voxels == "all":
+                pool.add(scores[sid].ravel())
+                continue
             eroded = postprocess.erode_brain_mask(val_healthy[sid].brain_mask,
                                                   ecfg.erode_iterations)
             pool.add(scores[sid][eroded])

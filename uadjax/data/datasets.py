@@ -426,13 +426,14 @@ PRESETS = {
         },
         modalities=("t2",),
         spatial={"register": True, "spacing": (1.0, 1.0, 1.0), "n4": True,
-                 "atlas_mask": True, "skull_strip": True},
+                 "atlas_mask": True, "skull_strip": True, "curvature_flow": True},
         data_config="behrendt",
         note=("Behrendt et al. (pDDPM / cDDPM): IXI healthy training (fold sizes 358 / 44 / "
               "158), BraTS21 and MSLUB (T2) or ATLAS and WMH (T1) evaluation; 1 mm, affine "
-              "registration to a template, brain mask, N4, then 96 x 96 x 50 at 2 mm with brain "
-              "p1-p99 scaling. Differences: ICBM 2009c instead of SRI24, atlas brain masks "
-              "instead of HD-BET for IXI/MSLUB, no CurvatureFlow smoothing. Pass the authors' "
+              "registration to a template, brain mask, N4, CurvatureFlow smoothing (their "
+              "reader's), then 96 x 96 x 50 at 2 mm with brain p1-p99 scaling. Differences: "
+              "ICBM 2009c instead of SRI24, atlas brain masks instead of HD-BET for IXI/MSLUB. "
+              "Pass the authors' "
               "fold CSVs with --split_file to use their exact subjects.")),
     "mmccd": Preset(
         split_sizes={"brats2021": {TRAIN: 974, VAL_LESION: 138, TEST_LESION: 139}},
