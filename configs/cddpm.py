@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, ddpm
+from configs import data as data_configs
 from uadjax.models.resnet import resnet_encoder_config
 
 MODIFIERS = {"ens", "nopretrain", "code", "paperlr"}
@@ -31,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method = "cddpm"
     channels = len(config.data.modalities)
 
+    # The cDDPM repository's intensity augmentation for the denoiser (get_augment); the
+    # SparK pre-training runs without it (below).
+    config.data.augment = data_configs.augment_preset(
+        "cddpm", (config.data.target_spacing or (None,))[0])
     config.model.cond_dim = 128        # paper section 4.4: d = 128 (code: 512, `code` modifier)
     if "code" in modifiers:
         config.model.cond_dim = 4 * config.model.base_channels  # DDPM_2D: unet_dim * 4 = 512
@@ -57,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stage_train.pretrain = ml_collections.ConfigDict({
         "optimizer": "adamw", "learning_rate": 1e-4, "weight_decay": 0.05, "b1": 0.9,
         "b2": 0.95, "num_steps": 14400, "ema_decay": 0.0, "warmup_steps": 0,
-        "lr_schedule": "constant"})
+        "lr_schedule": "constant", "augment": False})
 
     # Run folder of a stage trained elsewhere and reused here ('' = train it in this run).
     config.stage_workdirs = ml_collections.ConfigDict({"pretrain": ""})

@@ -19,6 +19,7 @@ Use from the command line as `--config configs/data.py:cpu`.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -51,7 +52,40 @@ def get_augment_config() -> ml_collections.ConfigDict:
     aug.bias_coeff = 0.3  # Coefficients ~ U(-c, c).
     aug.noise_p = 0.25  # Probability of Gaussian noise inside the brain.
     aug.noise_std = (0.0, 0.03)  # Noise std range.
+    aug.blur_p = 0.0  # Probability of a Gaussian blur (RandomBlur; the cddpm preset: 0.25).
+    aug.blur_sigma = (0.0, 1.0)  # Blur sigma range in pixels, per axis.
+    aug.ghost_p = 0.0  # Probability of a k-space ghosting artefact (RandomGhosting).
+    aug.ghost_count = (4, 10)  # Number of ghosts.
+    aug.ghost_intensity = (0.5, 1.0)  # Artefact strength.
     return aug
+
+
+AUGMENT_PRESETS = ("default", "none", "cddpm")
+
+
+def augment_preset(name: str, pixel_mm: float | None) -> ml_collections.ConfigDict:
+    """The intensity augmentation a method's authors train with, by name:
+      default  ours (`get_augment_config`): for methods whose authors' set is not reproduced;
+      none     no intensity augmentation: Behrendt's pDDPM repository (DDPM and pDDPM);
+      cddpm    Behrendt's cDDPM repository (src/datamodules/create_dataset.py::get_augment,
+               aug_intensity; torchio 0.18 defaults): RandomGamma p 0.5 (log gamma
+               +-0.3), RandomBiasField p 0.25 (coefficients 0.5, order 3), RandomBlur p 0.25
+               (std 0-2 mm per axis, here in pixels of `pixel_mm`, 1 mm when None) and
+               RandomGhosting p 0.5 (4-10 ghosts, strength 0.5-1); no Gaussian noise.
+    Ours changes the brain only and works per 2D slice; theirs the whole 3D volume."""
+    aug = get_augment_config()
+    if name == "default":
+        return aug
+    if name == "none":
+        aug.enabled = False
+        return aug
+    if name == "cddpm":
+        aug.update({"gamma_p": 0.5, "gamma_range": (math.exp(-0.3), math.exp(0.3)),
+                    "bias_p": 0.25, "bias_order": 3, "bias_coeff": 0.5, "noise_p": 0.0,
+                    "blur_p": 0.25, "blur_sigma": (0.0, 2.0 / (pixel_mm or 1.0)),
+                    "ghost_p": 0.5, "ghost_count": (4, 10), "ghost_intensity": (0.5, 1.0)})
+        return aug
+    raise ValueError(f"unknown augmentation preset {name!r}; use one of {AUGMENT_PRESETS}")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

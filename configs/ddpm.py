@@ -16,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs import data as data_configs
 
 
 def unet_config(size: str, channels: int) -> ml_collections.ConfigDict:
@@ -101,6 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     channels = len(config.data.modalities)
     config.model = unet_config(size, channels)
     config.diffusion = diffusion_config(size)
+    # Behrendt's pDDPM repository (which holds the DDPM baseline) augments nothing.
+    config.data.augment = data_configs.augment_preset("none", None)
     d = config.diffusion
     if size == "cpu":
         # Sized for the main job (about 11 minutes of training on 2 cores). With so few steps

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs import data as data_configs
 from configs.ddpm import diffusion_config, unet_config
 
 # Patch side per size: half the image, a 2x2 grid. Authors: patch_size 48 on 96x96
@@ -47,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # as DDPM (lr 1e-4, batch 32, 19200 steps = 1600 epochs) from common.base_config.
     config.diffusion = diffusion_config(size)
     config.patch = patch_config(size)
+    # The pDDPM repository has no intensity augmentation.
+    config.data.augment = data_configs.augment_preset("none", None)
     d, p = config.diffusion, config.patch
     if size == "cpu":
         # The DDPM cpu recipe (configs/ddpm.py): few steps, so train on the noise levels where

@@ -4,6 +4,7 @@ import grain
 import numpy as np
 import pytest
 from helpers_data import prepare_tiny
+from scipy import ndimage
 
 from uadjax.data import builder, pipeline
 from uadjax.data.pipeline import AugmentConfig
@@ -106,7 +107,8 @@ def test_process_parts_concatenate_to_the_single_process_batches(records, augmen
     """3 processes x 2 rows read disjoint records and, put together (as
     `make_array_from_process_local_data` does), give the batches of one process with 6
     rows, augmentation included: a multi-host run trains on the same data as a single one."""
-    aug = AugmentConfig(gamma_p=0.7, bias_p=0.7, noise_p=0.7) if augment else None
+    aug = (AugmentConfig(gamma_p=0.7, bias_p=0.7, noise_p=0.7, blur_p=0.7, ghost_p=0.7)
+           if augment else None)
     single = _take(pipeline.make_train_iterator(records, batch_size=6, seed=3,
                                                 augment_config=aug), 6)
     parts = [_take(pipeline.make_train_iterator(records, batch_size=2, seed=3,
@@ -122,7 +124,7 @@ def test_process_parts_concatenate_to_the_single_process_batches(records, augmen
 
 def test_augmentation_changes_only_brain_pixels(records):
     batch = pipeline.stack_train_records(records[:16])
-    config = AugmentConfig(gamma_p=1.0, bias_p=1.0, noise_p=1.0)
+    config = AugmentConfig(gamma_p=1.0, bias_p=1.0, noise_p=1.0, blur_p=1.0, ghost_p=1.0)
     out = pipeline.augment_batch(batch, np.random.default_rng(0), config)
     brain = batch["brain_mask"].astype(bool)
     np.testing.assert_array_equal(out["image"][~brain], batch["image"][~brain])
@@ -155,6 +157,52 @@ def test_each_augmentation_alone_matches_its_definition(records):
     ratio = bias["image"][brain[..., 0]] / batch["image"][brain[..., 0]]
     np.testing.assert_allclose(ratio[:, 0], ratio[:, 1], rtol=1e-5)  # Same field per channel.
     assert np.all(ratio > np.exp(-0.3 * 9)) and np.all(ratio < np.exp(0.3 * 9))
+
+
+def test_blur_and_ghosting_alone_match_their_definitions(records):
+    """Blur: scipy's Gaussian filter at the drawn sigma, copied into the brain. Ghosting in
+    closed form: scaling every n-th line of the centred spectrum (n dividing H/2) by 1 - s
+    and restoring the central one is x - s (P x - mean_rows x), where P averages the n
+    copies of x shifted by H/n rows (the ghosts)."""
+    batch = pipeline.stack_train_records(records[:4])
+    brain = batch["brain_mask"].astype(bool)
+    blur = pipeline.augment_batch(batch, np.random.default_rng(2), AugmentConfig(
+        gamma_p=0.0, bias_p=0.0, noise_p=0.0, blur_p=1.0, blur_sigma=(0.8, 0.8)))
+    for k in range(4):
+        expected = ndimage.gaussian_filter(batch["image"][k], sigma=(0.8, 0.8, 0.0),
+                                           mode="reflect")
+        np.testing.assert_allclose(blur["image"][k][brain[k]], expected[brain[k]], rtol=1e-5)
+        np.testing.assert_array_equal(blur["image"][k][~brain[k]],
+                                      batch["image"][k][~brain[k]])
+    rng = np.random.default_rng(3)
+    x = rng.random((12, 10, 2))
+    for count, s in ((2, 0.7), (3, 1.0), (6, 0.5)):  # divisors of H / 2 = 6
+        ghosts = np.mean([np.roll(x, m * 12 // count, axis=0) for m in range(count)], axis=0)
+        expected = x - s * (ghosts - x.mean(axis=0, keepdims=True))
+        np.testing.assert_allclose(pipeline.ghosting(x, count, 0, s), expected, atol=1e-12)
+    np.testing.assert_allclose(pipeline.ghosting(x, 5, 1, 0.0), x, atol=1e-12)
+    ghost = pipeline.augment_batch(batch, np.random.default_rng(4), AugmentConfig(
+        gamma_p=0.0, bias_p=0.0, noise_p=0.0, ghost_p=1.0))
+    assert np.mean(ghost["image"][brain] != batch["image"][brain]) > 0.9
+    np.testing.assert_array_equal(ghost["image"][~brain], batch["image"][~brain])
+
+
+def test_augmentation_presets_follow_each_repository():
+    """Behrendt's pDDPM repository (DDPM, pDDPM) augments nothing; the cDDPM one gamma 0.5,
+    bias 0.25, blur 0.25 (std up to 2 mm) and ghosting 0.5, not for the SparK stage."""
+    from configs import cddpm, ddpm, pddpm
+    from uadjax import train_state
+
+    for config in (ddpm.get_config("paper"), pddpm.get_config("paper")):
+        assert not AugmentConfig.from_config(config.data.augment).enabled
+    config = cddpm.get_config("paper")
+    aug = AugmentConfig.from_config(config.data.augment)
+    assert (aug.gamma_p, aug.bias_p, aug.blur_p, aug.ghost_p, aug.noise_p) == (
+        0.5, 0.25, 0.25, 0.5, 0.0)
+    assert aug.blur_sigma == (0.0, 1.0)  # 2 mm at the paper's 2 mm pixels
+    assert aug.gamma_range == pytest.approx((np.exp(-0.3), np.exp(0.3)))
+    assert not train_state.stage_config(config, "pretrain").train.augment
+    assert train_state.stage_config(config, "diffusion").train.augment
 
 
 def test_eval_batches_cover_every_slice_once_in_order(records):

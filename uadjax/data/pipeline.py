@@ -20,6 +20,12 @@ augmentation changes intensities inside the brain mask only:
     channel and log g ~ U(log gamma_range);
   * bias field: x * exp(sum_k c_k P_k(u, v)), polynomials of degree <= bias_order on
     [-1, 1]^2, c_k ~ U(-bias_coeff, bias_coeff) (torchio RandomBiasField form);
+  * blur: a Gaussian filter with sigma ~ U(blur_sigma) pixels drawn per axis (torchio
+    RandomBlur: std in mm, converted with the grid spacing by the config);
+  * ghosting (torchio RandomGhosting): in the centred 2D spectrum every n-th line along a
+    random in-plane axis is scaled by 1 - s, n ~ U{ghost_count}, s ~ U(ghost_intensity),
+    the central line restored (torchio also picks the through-plane axis of a 3D volume,
+    which a per-slice augmentation cannot);
   * Gaussian noise: std ~ U(noise_std); the field is a random window (random sign) of a
     fixed bank of normal noise (`noise_bank`), much cheaper than fresh draws.
 """
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
+from scipy import ndimage
 
 STRING_WIDTH = 64
 TRAIN_KEYS = ("image", "brain_mask", "seg", "slice_index")
@@ -52,6 +59,11 @@ class AugmentConfig:
       bias_coeff: coefficients ~ U(-bias_coeff, bias_coeff).
       noise_p: probability of Gaussian noise per slice.
       noise_std: (low, high) noise standard deviation, sampled uniformly.
+      blur_p: probability of a Gaussian blur per slice.
+      blur_sigma: (low, high) sigma in pixels, sampled uniformly per axis.
+      ghost_p: probability of a ghosting artefact per slice.
+      ghost_count: (low, high) number of ghosts n, an integer sampled uniformly.
+      ghost_intensity: (low, high) artefact strength s, sampled uniformly.
     """
 
     enabled: bool = True
@@ -62,6 +74,11 @@ class AugmentConfig:
     bias_coeff: float = 0.3
     noise_p: float = 0.25
     noise_std: tuple = (0.0, 0.03)
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.0, 1.0)
+    ghost_p: float = 0.0
+    ghost_count: tuple = (4, 10)
+    ghost_intensity: tuple = (0.5, 1.0)
 
     @classmethod
     def from_config(cls, config) -> AugmentConfig:
@@ -125,6 +142,25 @@ def bias_log_field(coeffs: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.einsum("hi,biw->bhw", _powers(height, order), inner)
 
 
+def ghosting(image: np.ndarray, count: int, axis: int, intensity: float) -> np.ndarray:
+    """MRI ghosting of one slice [H, W, M] (torchio `Ghosting.add_artifact` in 2D): in the
+    centred spectrum of each channel the lines 0, n, 2n, ... along `axis` are scaled by
+    1 - intensity and the central line is restored."""
+    out = np.empty_like(image)
+    for c in range(image.shape[-1]):
+        spectrum = np.fft.fftshift(np.fft.fft2(image[..., c]))
+        centre = spectrum.shape[axis] // 2
+        lines = [slice(None), slice(None)]
+        lines[axis] = slice(None, None, count)
+        keep = np.take(spectrum, centre, axis=axis).copy()
+        spectrum[tuple(lines)] *= 1.0 - intensity
+        middle = [slice(None), slice(None)]
+        middle[axis] = centre
+        spectrum[tuple(middle)] = keep
+        out[..., c] = np.real(np.fft.ifft2(np.fft.ifftshift(spectrum)))
+    return out
+
+
 def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig, *,
                   rows: tuple[int, int] | None = None) -> dict:
     """Random intensity augmentation of a batch, inside the brain only.
@@ -164,12 +200,21 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig, 
     windows = np.stack([rng.integers(0, NOISE_BANK_SIZE, size=b),
                         rng.integers(0, h + 1, size=b), rng.integers(0, w + 1, size=b),
                         rng.choice(np.array([-1.0, 1.0], np.float32), size=b)], axis=1)
+    # Blur and ghosting draw after the others, so a config without them keeps its stream.
+    do_blur = rng.random(b) < config.blur_p
+    sigmas = rng.uniform(*config.blur_sigma, size=(b, 2))
+    do_ghost = rng.random(b) < config.ghost_p
+    ghosts = np.stack([rng.integers(config.ghost_count[0], config.ghost_count[1] + 1, size=b),
+                       rng.integers(0, 2, size=b)], axis=1)
+    ghost_strength = rng.uniform(*config.ghost_intensity, size=b)
     if rows is not None:  # this process's rows of the global batch
         part = slice(offset, offset + b_local)
         do_gamma, do_bias, do_noise = do_gamma[part], do_bias[part], do_noise[part]
         gammas, coeffs, stds, windows = gammas[part], coeffs[part], stds[part], windows[part]
+        do_blur, sigmas = do_blur[part], sigmas[part]
+        do_ghost, ghosts, ghost_strength = do_ghost[part], ghosts[part], ghost_strength[part]
 
-    chosen = np.flatnonzero(do_gamma | do_bias | do_noise)
+    chosen = np.flatnonzero(do_gamma | do_bias | do_noise | do_blur | do_ghost)
     fields = {}
     if np.any(do_bias):
         bias_idx = np.flatnonzero(do_bias)
@@ -192,6 +237,12 @@ def augment_batch(batch: dict, rng: np.random.Generator, config: AugmentConfig, 
             np.copyto(x, unit, where=brain)
         if do_bias[k]:
             np.multiply(x, fields[k][..., None], out=x, where=brain)
+        if do_blur[k]:
+            blurred = ndimage.gaussian_filter(x, sigma=(*sigmas[k], 0.0), mode="reflect")
+            np.copyto(x, blurred, where=brain)
+        if do_ghost[k]:
+            count, axis = (int(v) for v in ghosts[k])
+            np.copyto(x, ghosting(x, count, axis, float(ghost_strength[k])), where=brain)
         if do_noise[k]:
             entry, dh, dw, sign = windows[k]
             noise = noise_bank(h, w, m)[int(entry), int(dh):int(dh) + h, int(dw):int(dw) + w]
