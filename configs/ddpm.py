@@ -56,7 +56,8 @@ def diffusion_config(size: str) -> ml_collections.ConfigDict:
     d.score_mode = "single_step"   # 'single_step' | 'partial'
     d.test_timesteps = (499,)      # 0-based; Behrendt t_test = 500 (index 499 in their code)
     d.sweep_chunk = None           # variants evaluated at once; None = all
-    d.partial_t_start = 249        # 0-based; AnoDDPM lambda = 250
+    d.partial_t_start = 249        # 0-based; AnoDDPM lambda = 250 (paper, detection.py::roc_data;
+                                   # its anomalous_metric_calculation uses 200)
     d.partial_sampler = "ddpm"
     d.partial_num_steps = None     # None = every step from t_start to 0
     d.partial_variance = "fixed_small"  # reverse variance: posterior ('fixed_small') or beta_t
