@@ -17,6 +17,7 @@ from flax import nnx
 
 from uadjax import metrics
 from uadjax.benchmark import cli, entries, ranking, running
+from uadjax.data import phantom
 from uadjax.methods import get_method
 from uadjax.models import unet as unet_module
 
@@ -240,6 +241,7 @@ def test_a_budget_list_trains_each_budget_and_writes_the_curve(tiny_data, tmp_pa
     assert "| AE |" in (root / "budget_curve.md").read_text()
     board = json.loads((root / "leaderboard.json").read_text())
     assert board["protocol"]["budget"] in ("", "full")
+    assert board["protocol"]["phantom_generator"] == phantom.GENERATOR_VERSION
     assert cli.main([*args[:2], "--budget=short,short", *args[3:]]) == 2
 
 

@@ -33,6 +33,7 @@ def write_leaderboard(root: str, entries, protocol, records, *, command: str = "
     board["machine"] = machine()
     if not protocol.dataset_dir:  # the built-in phantom: which generator made it
         board["phantom_generator"] = phantom.GENERATOR_VERSION
+        board["protocol"]["phantom_generator"] = phantom.GENERATOR_VERSION
     board["figures"] = [os.path.basename(p) for p in save_figures(root, entries, records, board)]
     atomic.write_json(os.path.join(root, "leaderboard.json"), board)
     atomic.write_text(os.path.join(root, "leaderboard.csv"), to_csv(board))
