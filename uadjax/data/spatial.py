@@ -288,7 +288,8 @@ CURVATURE_FLOW = {"timeStep": 0.125, "numberOfIterations": 3}  # Behrendt's sitk
 
 def curvature_flow(image: sitk.Image) -> sitk.Image:
     """SimpleITK's CurvatureFlow with Behrendt's settings (`CURVATURE_FLOW`), float32."""
-    return sitk.CurvatureFlow(image1=sitk.Cast(image, sitk.sitkFloat32), **CURVATURE_FLOW)
+    smooth = sitk.CurvatureFlow(image1=sitk.Cast(image, sitk.sitkFloat32), **CURVATURE_FLOW)
+    return sitk.Cast(smooth, sitk.sitkFloat32)  # the filter returns float64
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,7 @@ def standardise_subject(images: dict[str, Volume], seg: Volume | None,
     Order: brain mask (the given one; else the atlas mask when `options.atlas_mask`, from a
     registration of the first modality to the head template; else the non-zero voxels of any
     modality) -> skull strip -> registration -> N4 (weighted by the brain mask) -> curvature
-    flow smoothing.
+    flow smoothing (stripped again when skull stripping).
 
     Modalities on the grid of the first modality share its transform, and `seg` / `brainmask`
     (which must lie on that grid) follow it with nearest neighbour. A modality on another grid
@@ -464,9 +465,14 @@ def standardise_subject(images: dict[str, Volume], seg: Volume | None,
     if options.n4:
         sitk_images = {mod: n4_correct(image, masks[mod]) for mod, image in sitk_images.items()}
 
-    # 5. Curvature flow smoothing (Behrendt's reader, on the preprocessed images).
+    # 5. Curvature flow smoothing (Behrendt's reader, on the preprocessed images); the
+    # smoothing spreads the brain's edge into the background, which skull stripping zeroes
+    # again.
     if options.curvature_flow:
         sitk_images = {mod: curvature_flow(image) for mod, image in sitk_images.items()}
+        if options.skull_strip:
+            sitk_images = {mod: image * sitk.Cast(masks[mod], sitk.sitkFloat32)
+                           for mod, image in sitk_images.items()}
 
     def _arrays(image, dtype, affine):
         data, grid_affine = from_sitk(sitk.Cast(image, dtype))
