@@ -17,6 +17,8 @@ METHODS = (
     {"key": "vae", "config": "vae", "label": "VAE"},
     {"key": "dae", "config": "dae", "label": "DAE"},
     {"key": "disyre", "config": "disyre", "label": "DISYRE"},
+    # The authors' released checkpoint and notebook figures are the dag configuration.
+    {"key": "disyre:dag", "config": "disyre", "train_modifiers": "dag", "label": "DISYRE (dag)"},
     {"key": "maediff", "config": "maediff", "label": "MAEDiff"},
     {"key": "ldm", "config": "ldm", "label": "LDM (Pinaya)"},
     {"key": "mmccd", "config": "mmccd", "label": "MMCCD"},
