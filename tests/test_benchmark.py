@@ -69,16 +69,21 @@ def test_every_method_declares_its_network_evaluations():
         assert get_method(name).network_evaluations is not None, name
 
 
+def _exact_sign_flip_p(a, b) -> float:
+    """Two-sided p of the mean paired difference, enumerating every sign flip."""
+    d = np.asarray(a) - np.asarray(b)
+    observed = abs(d.mean())
+    flips = [abs((d * np.array(signs)).mean())
+             for signs in itertools.product((1, -1), repeat=len(d))]
+    return float(np.mean([f >= observed - 1e-12 for f in flips]))
+
+
 def test_paired_permutation_p_equals_the_exact_sign_flip_test():
     rng = np.random.default_rng(0)
     a = rng.random(9)
     b = a - 0.1 + 0.15 * rng.standard_normal(9)
-    d = a - b
-    observed = abs(d.mean())
-    flips = [abs((d * np.array(signs)).mean())
-             for signs in itertools.product((1, -1), repeat=len(d))]
-    exact = np.mean([f >= observed - 1e-12 for f in flips])
-    assert ranking.paired_permutation_p(a, b) == pytest.approx(exact, abs=1e-9)
+    assert ranking.paired_permutation_p(a, b) == pytest.approx(_exact_sign_flip_p(a, b),
+                                                               abs=1e-9)
     assert ranking.paired_permutation_p(a, a) == 1.0
 
 
@@ -96,6 +101,41 @@ def test_reconstruction_quality_against_closed_forms():
     same = metrics.reconstruction_quality(image, image, mask)
     assert same["ssim"] == pytest.approx(1.0) and same["l1"] == 0.0
     assert 0 < q["ssim"] < 1
+
+
+def test_each_method_is_compared_with_the_threshold_of_the_modalities_it_reads():
+    """MMCCD reads FLAIR and T2: its baseline is the better of the two thresholds; DDPM reads
+    T2 only. The difference of mean Dice and the exact sign-flip test of per-volume Dice."""
+    from types import SimpleNamespace
+
+    protocol = entries.Protocol(size="tiny", budget="")
+    listed = entries.parse_entries("ddpm,mmccd,threshold,threshold:flair")
+    rng = np.random.default_rng(1)
+    subjects = [f"sub-{i}" for i in range(7)]
+    dice = {"ddpm": rng.random(7), "mmccd": rng.random(7), "threshold": rng.random(7) * 0.5,
+            "threshold:flair": 0.3 + rng.random(7) * 0.5}
+    records, rows = {}, []
+    for entry in listed:
+        csv_rows = [{"method": entry.config, "kind": "tumour", "threshold_source": "val",
+                     "subject_id": s, "dice": str(d)} for s, d in zip(subjects, dice[entry.key])]
+        records[entry.key] = [{"results": SimpleNamespace(method=entry.config),
+                               "subjects": csv_rows}]
+        rows.append({"key": entry.key, "label": entry.name(), "kinds": {"tumour": {
+            "dice": {"mean": float(np.mean(dice[entry.key]))}}}})
+    reads = {e.key: tuple(entries.build_config(e, protocol, 0).data.modalities) for e in listed}
+    assert reads["mmccd"] == ("flair", "t2")
+    ranking._compare_with_own_threshold(listed, reads, records, rows, "tumour")
+    by_key = {r["key"]: r["kinds"]["tumour"] for r in rows}
+    for key, baseline, modality in (("ddpm", "threshold", "t2"),
+                                    ("mmccd", "threshold:flair", "flair")):
+        versus = by_key[key]["vs_threshold"]
+        assert (versus["key"], versus["modality"]) == (baseline, modality)
+        assert versus["delta_dice"] == pytest.approx(dice[key].mean() - dice[baseline].mean())
+        assert versus["p"] == pytest.approx(_exact_sign_flip_p(dice[key], dice[baseline]),
+                                            abs=1e-9)
+    assert "vs_threshold" not in by_key["threshold"]
+    assert ranking._threshold_cell(by_key["mmccd"]["vs_threshold"]).endswith(
+        f"FLAIR (p {by_key['mmccd']['vs_threshold']['p']:.3f})")
 
 
 def test_paper_numbers_only_under_the_reproduced_protocol():
@@ -152,6 +192,12 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
         assert got["dice"]["mean"] == pytest.approx(np.mean(dice))
         assert got["dice"]["std"] == pytest.approx(np.std(dice, ddof=1))
         assert got["auprc"]["mean"] == pytest.approx(np.mean([p["ap"]["mean"] for p in per_seed]))
+    # DDPM reads T2: the T2 threshold is its baseline (the paired test: the unit test below).
+    versus = rows["ddpm+ens"]["kinds"]["tumour"]["vs_threshold"]
+    assert (versus["key"], versus["modality"]) == ("threshold", "t2")
+    assert versus["delta_dice"] == pytest.approx(rows["ddpm+ens"]["kinds"]["tumour"]["dice"][
+        "mean"] - rows["threshold"]["kinds"]["tumour"]["dice"]["mean"])
+    assert "vs_threshold" not in rows["threshold"]["kinds"]["tumour"]
     assert rows["ddpm+ens"]["network_evaluations_per_volume"] == pytest.approx(
         3 * rows["ddpm"]["network_evaluations_per_volume"])
     assert rows["ddpm"]["reconstruction"]["ssim"]["n"] == 2
@@ -170,6 +216,7 @@ def test_benchmark_runs_resumes_and_aggregates_over_seeds(tiny_data, tmp_path, c
                                             "l1_ratio", "network_evaluations_per_volume"}
     md = (root / "leaderboard.md").read_text()
     assert "best" in md and "### Reconstruction of healthy test subjects" in md
+    assert f"{100 * versus['delta_dice']:+.1f} T2 (p " in md
     # Exactly one best per lesion kind; the others carry a p-value.
     for kind in board["kinds"]:
         marks = [r["kinds"][kind].get("best") for r in board["rows"]
