@@ -103,17 +103,18 @@ def test_reconstruction_quality_against_closed_forms():
     assert 0 < q["ssim"] < 1
 
 
-def test_each_method_is_compared_with_the_threshold_of_the_modalities_it_reads():
+def test_methods_are_compared_with_their_own_thresholds_and_the_papers_orderings():
     """MMCCD reads FLAIR and T2: its baseline is the better of the two thresholds; DDPM reads
-    T2 only. The difference of mean Dice and the exact sign-flip test of per-volume Dice."""
+    T2 only. The difference of mean Dice and the exact sign-flip test of per-volume Dice;
+    the same for the papers' orderings."""
     from types import SimpleNamespace
 
     protocol = entries.Protocol(size="tiny", budget="")
-    listed = entries.parse_entries("ddpm,mmccd,threshold,threshold:flair")
+    listed = entries.parse_entries("ddpm,mmccd,mmccd:cyclic,threshold,threshold:flair")
     rng = np.random.default_rng(1)
     subjects = [f"sub-{i}" for i in range(7)]
-    dice = {"ddpm": rng.random(7), "mmccd": rng.random(7), "threshold": rng.random(7) * 0.5,
-            "threshold:flair": 0.3 + rng.random(7) * 0.5}
+    dice = {"ddpm": rng.random(7), "mmccd": rng.random(7), "mmccd:cyclic": rng.random(7),
+            "threshold": rng.random(7) * 0.5, "threshold:flair": 0.3 + rng.random(7) * 0.5}
     records, rows = {}, []
     for entry in listed:
         csv_rows = [{"method": entry.config, "kind": "tumour", "threshold_source": "val",
@@ -136,6 +137,19 @@ def test_each_method_is_compared_with_the_threshold_of_the_modalities_it_reads()
     assert "vs_threshold" not in by_key["threshold"]
     assert ranking._threshold_cell(by_key["mmccd"]["vs_threshold"]).endswith(
         f"FLAIR (p {by_key['mmccd']['vs_threshold']['p']:.3f})")
+
+    # The papers' orderings whose two methods are listed, better minus worse.
+    orderings = ranking.paper_orderings(listed, records, rows, ["tumour"])
+    assert [(o["better"], o["worse"]) for o in orderings] == [("mmccd", "mmccd:cyclic"),
+                                                              ("mmccd:cyclic", "ddpm")]
+    for o in orderings:
+        got = o["kinds"]["tumour"]
+        assert got["delta_dice"] == pytest.approx(dice[o["better"]].mean()
+                                                  - dice[o["worse"]].mean())
+        assert got["p"] == pytest.approx(_exact_sign_flip_p(dice[o["better"]],
+                                                            dice[o["worse"]]), abs=1e-9)
+    md = ranking.to_markdown({"kinds": ["tumour"], "rows": [], "orderings": orderings})
+    assert "| MMCCD > Cyclic UNet | MMCCD paper Table 1" in md
 
 
 def test_paper_numbers_only_under_the_reproduced_protocol():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.benchmark import KIND_DATASETS, PAPER_RESULTS, PAPER_SOURCE
+from configs.benchmark import KIND_DATASETS, PAPER_ORDERINGS, PAPER_RESULTS, PAPER_SOURCE
 from uadjax.benchmark.entries import KINDS_ORDER, Entry, Protocol, build_config, protocol_steps
 from uadjax.benchmark.running import read_json
 from uadjax.results import ORACLE, EvaluationResults, KindResults, MethodResults
@@ -131,18 +131,49 @@ def leaderboard(entries: list[Entry], protocol: Protocol, records: dict,
         if not scored:
             continue
         best_row = max(scored, key=lambda t: t[1])[0]
-        best = per_volume_dice(entry_of(entries, best_row), records[best_row["key"]], kind)
         for row, _ in scored:
             row["kinds"][kind]["best"] = row is best_row
             if row is best_row:
                 continue
-            other = per_volume_dice(entry_of(entries, row), records[row["key"]], kind)
-            common = sorted(set(best) & set(other))
-            if common:  # no shared test subjects: nothing to pair
-                row["kinds"][kind]["p_vs_best"] = paired_permutation_p(
-                    np.array([best[s] for s in common]), np.array([other[s] for s in common]))
+            p = paired_dice_difference(entries, records, rows, best_row["key"], row["key"],
+                                       kind)["p"]
+            if p is not None:  # None: no shared test subjects, nothing to pair
+                row["kinds"][kind]["p_vs_best"] = p
         _compare_with_own_threshold(entries, reads, records, rows, kind)
-    return {"protocol": dataclasses.asdict(protocol), "kinds": kinds, "rows": rows}
+    return {"protocol": dataclasses.asdict(protocol), "kinds": kinds, "rows": rows,
+            "orderings": paper_orderings(entries, records, rows, kinds)}
+
+
+def paired_dice_difference(entries, records, rows, a: str, b: str, kind: str) -> dict | None:
+    """{'delta_dice': mean Dice of entry `a` minus `b`, 'p': paired permutation p of their
+    seed-averaged per-volume Dice on the shared test subjects (None if none)}, or None when
+    either has no finite Dice for `kind`."""
+    by_key = {r["key"]: r for r in rows if r.get("kinds")}
+    if a not in by_key or b not in by_key:
+        return None
+    mean_a, mean_b = (by_key[k]["kinds"][kind]["dice"]["mean"] for k in (a, b))
+    if not (math.isfinite(mean_a) and math.isfinite(mean_b)):
+        return None
+    dice_a = per_volume_dice(entry_of(entries, by_key[a]), records[a], kind)
+    dice_b = per_volume_dice(entry_of(entries, by_key[b]), records[b], kind)
+    common = sorted(set(dice_a) & set(dice_b))
+    p = paired_permutation_p(np.array([dice_a[s] for s in common]),
+                             np.array([dice_b[s] for s in common])) if common else None
+    return {"delta_dice": mean_a - mean_b, "p": p}
+
+
+def paper_orderings(entries, records, rows, kinds) -> list[dict]:
+    """configs/benchmark.py's PAPER_ORDERINGS whose two entries are listed: per kind the
+    `paired_dice_difference` of better minus worse (positive: the paper's order holds)."""
+    out = []
+    for better, worse, source in PAPER_ORDERINGS:
+        per_kind = {kind: paired_dice_difference(entries, records, rows, better, worse, kind)
+                    for kind in kinds}
+        if any(per_kind.values()):
+            label = {r["key"]: r["label"] for r in rows}
+            out.append({"better": better, "worse": worse, "source": source,
+                        "claim": f"{label[better]} > {label[worse]}", "kinds": per_kind})
+    return out
 
 
 def _compare_with_own_threshold(entries, reads, records, rows, kind) -> None:
@@ -166,14 +197,9 @@ def _compare_with_own_threshold(entries, reads, records, rows, kind) -> None:
         if not own or not math.isfinite(dice):
             continue
         modality, base = max(own, key=lambda t: t[1]["kinds"][kind]["dice"]["mean"])
-        mine = per_volume_dice(entry, records[row["key"]], kind)
-        theirs = per_volume_dice(entry_of(entries, base), records[base["key"]], kind)
-        common = sorted(set(mine) & set(theirs))
-        p = paired_permutation_p(np.array([mine[s] for s in common]),
-                                 np.array([theirs[s] for s in common])) if common else None
         row["kinds"][kind]["vs_threshold"] = {
             "key": base["key"], "label": base["label"], "modality": modality,
-            "delta_dice": dice - base["kinds"][kind]["dice"]["mean"], "p": p}
+            **paired_dice_difference(entries, records, rows, row["key"], base["key"], kind)}
 
 
 def entry_of(entries, row) -> Entry:
@@ -224,13 +250,18 @@ def _p_cell(kind_stats: dict) -> str:
     return "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
+def _difference_cell(difference: dict | None, what: str = "") -> str:
+    """'+12.3 (p 0.004)': Dice points of a paired difference and its p."""
+    if not difference:
+        return "-"
+    p = difference["p"]
+    p_text = "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+    return f"{100 * difference['delta_dice']:+.1f}{what} (p {p_text})"
+
+
 def _threshold_cell(versus: dict | None) -> str:
     """'+12.3 T2 (p 0.004)': Dice points above the method's own-modality threshold."""
-    if not versus:
-        return "-"
-    p = versus["p"]
-    p_text = "-" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
-    return f"{100 * versus['delta_dice']:+.1f} {versus['modality'].upper()} (p {p_text})"
+    return _difference_cell(versus, f" {versus['modality'].upper()}" if versus else "")
 
 
 def to_markdown(board: dict) -> str:
@@ -257,6 +288,13 @@ def to_markdown(board: dict) -> str:
                 cells.append(f"{paper['dice']:.1f} / {paper['auprc']:.1f}" if paper else "-")
         lines.append("| " + " | ".join(cells) + " |")
     out = ["### Detection", "\n".join(lines)]
+    if board.get("orderings"):
+        head = ["the paper's ordering", "where"] + [f"{kind} Dice difference" for kind in kinds]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for o in board["orderings"]:
+            lines.append("| " + " | ".join([o["claim"], o["source"]] + [
+                _difference_cell(o["kinds"].get(kind)) for kind in kinds]) + " |")
+        out += ["### The papers' orderings at this budget", "\n".join(lines)]
     recon_rows = [r for r in rows if r.get("reconstruction")]
     if recon_rows:
         head = ["method", "SSIM (%)", "PSNR (dB)", "L1 (e-3)"] + [f"L1 ratio {k}" for k in kinds]
@@ -353,7 +391,9 @@ LEGEND = (
     "on healthy test subjects at the validation threshold. p: paired permutation test of "
     "per-volume Dice (seed-averaged) against the best method of the lesion kind (bold). "
     "vs threshold: Dice points above the best listed intensity threshold of the modalities "
-    "the method reads (its fair baseline), with the same paired test against it. "
+    "the method reads (its fair baseline), with the same paired test against it; the "
+    "papers' orderings table: better minus worse, so a positive difference is the paper's "
+    "order. "
     "Reconstruction: SSIM, PSNR, L1 inside the brain on healthy test subjects; L1 ratio = "
     "L1 on the kind's test subjects / L1 on healthy ones (cDDPM Table 2). Inference time: "
     "wall time of scoring per volume (data loading included, compilation not); training "
